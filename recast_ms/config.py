@@ -1,0 +1,247 @@
+"""Run configuration: validated dataclasses, YAML loading, command-line overrides.
+
+Two levels, as in MindRLHF: a run YAML (data / sft / rl / eval sections) names a MindFormers model
+YAML in ``model_configs/`` by path. Keys are identical in YAML, dataclass and command line
+(``rl.group_size=32``). An unknown key anywhere is an error that names it; bad values are rejected
+in ``__post_init__`` with the reason.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _require(cond: bool, msg: str):
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | amazon
+    dataset: str = "Industrial_and_Scientific"
+    root: str = ""  # amazon data root; "" -> $RECAST_DATA_ROOT or ../shared/data/minionerec_amazon
+    seed: int = 0
+    # synthetic catalogue shape
+    num_items: int = 600
+    codebook_size: int = 16
+    num_users: int = 3000
+    with_titles: bool = False
+    max_history: int = 10
+    max_rl_prompts: int = 0  # 0 = all held-out validation prompts are RL prompts
+    max_eval_prompts: int = 0  # 0 = the whole test split
+
+    def __post_init__(self):
+        _require(self.source in ("synthetic", "amazon"), f"data.source must be 'synthetic' or 'amazon', got {self.source!r}")
+        _require(self.codebook_size >= 2, "data.codebook_size must be >= 2")
+        _require(self.max_history >= 1, "data.max_history must be >= 1")
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    eval_every: int = 200
+    save_every: int = 100
+    log_every: int = 10
+
+    def __post_init__(self):
+        _require(self.steps >= 1, "sft.steps must be >= 1")
+        _require(self.batch_size >= 1, "sft.batch_size must be >= 1")
+        _require(self.lr > 0, "sft.lr must be > 0")
+        _require(0 <= self.min_lr_ratio <= 1, "sft.min_lr_ratio must be in [0, 1]")
+        _require(0 <= self.warmup_steps < self.steps or self.steps == 1, "sft.warmup_steps must be < sft.steps")
+        _require(self.save_every >= 1 and self.eval_every >= 1 and self.log_every >= 1, "sft.*_every must be >= 1")
+
+
+@dataclass
+class RLConfig:
+    estimator: str = "recast"  # grpo | repair_only | boundary_only | recast | recast_adaptive
+    alpha: float = 1.0
+    group_size: int = 16
+    prompts_per_step: int = 16
+    steps: int = 40
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    kl_coef: float = 0.001
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    constrained: bool = True
+    micro_batch_size: int = 64
+    ppo_epochs: int = 1
+    eps: float = 1e-6
+    eval_every: int = 10
+    save_every: int = 10
+    # adaptive repair (recast_adaptive): repair probability = clip(1 - natural_ratio / target, floor, 1)
+    adaptive_target: float = 0.5
+    adaptive_floor: float = 0.0
+    adaptive_momentum: float = 0.9
+
+    def __post_init__(self):
+        from recast_ms.signals import ESTIMATORS
+
+        names = sorted(ESTIMATORS) + ["recast_adaptive"]
+        _require(self.estimator in names, f"rl.estimator must be one of {names}, got {self.estimator!r}")
+        _require(self.alpha > 0, f"rl.alpha must be > 0, got {self.alpha}")
+        _require(self.group_size >= 2, f"rl.group_size must be >= 2, got {self.group_size}")
+        _require(self.prompts_per_step >= 1, "rl.prompts_per_step must be >= 1")
+        _require(self.steps >= 1, "rl.steps must be >= 1")
+        _require(self.lr > 0, "rl.lr must be > 0")
+        _require(0 <= self.clip_low < 1 and self.clip_high >= 0, "rl.clip_low must be in [0, 1) and rl.clip_high >= 0")
+        _require(self.kl_coef >= 0, "rl.kl_coef must be >= 0")
+        _require(self.temperature > 0, "rl.temperature must be > 0")
+        _require(self.top_k >= 0 and 0 < self.top_p <= 1, "rl.top_k must be >= 0 and rl.top_p in (0, 1]")
+        _require(self.micro_batch_size >= 1 and self.ppo_epochs >= 1, "rl.micro_batch_size and rl.ppo_epochs must be >= 1")
+        _require(0 < self.adaptive_target <= 1 and 0 <= self.adaptive_floor <= 1, "rl.adaptive_target in (0, 1], rl.adaptive_floor in [0, 1]")
+        _require(0 <= self.adaptive_momentum < 1, "rl.adaptive_momentum must be in [0, 1)")
+
+
+@dataclass
+class EvalConfig:
+    beam_width: int = 32
+    ks: Tuple[int, ...] = (1, 5, 10, 32)
+    batch_size: int = 16
+    constrained: bool = True
+
+    def __post_init__(self):
+        self.ks = tuple(int(k) for k in self.ks)
+        _require(self.beam_width >= 1, "eval.beam_width must be >= 1")
+        _require(all(1 <= k <= self.beam_width for k in self.ks), f"eval.ks {self.ks} must lie in [1, beam_width={self.beam_width}]")
+
+
+@dataclass
+class RunConfig:
+    model_config: str = "model_configs/qwen3_tiny.yaml"
+    output_dir: str = "runs/default"
+    seed: int = 0
+    seq_length: int = 64  # prompt + response, fixed: the compiled graphs never see another length
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        _require(self.seq_length >= 8, "seq_length must be >= 8")
+
+    @property
+    def model_config_path(self) -> str:
+        p = self.model_config
+        return p if os.path.isabs(p) else os.path.join(REPO_ROOT, p)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _coerce(value, typ, key: str):
+    origin = get_origin(typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"{key}: expected a boolean, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str, float)) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"{key}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"{key}: expected an integer, got {value!r}") from None
+    if typ is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}: expected a number, got {value!r}") from None
+    if typ is str:
+        if not isinstance(value, (str, int, float)):
+            raise ValueError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if origin in (tuple, Tuple, list, List):
+        if isinstance(value, str):
+            value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        inner = get_args(typ)[0] if get_args(typ) else str
+        return tuple(_coerce(v, inner, key) for v in value)
+    return value
+
+
+def from_dict(cls, d: Optional[Dict[str, Any]], prefix: str = ""):
+    """Build dataclass ``cls`` from a mapping, recursing into nested dataclasses; unknown keys raise."""
+    d = {} if d is None else d
+    if not isinstance(d, dict):
+        raise ValueError(f"{prefix or 'config'}: expected a mapping, got {type(d).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        where = f" in section '{prefix.rstrip('.')}'" if prefix else ""
+        raise ValueError(f"unknown config key(s){where}: {', '.join(prefix + u for u in unknown)}; known: {sorted(names)}")
+    kwargs = {}
+    for k, v in d.items():
+        typ = hints[k]
+        if dataclasses.is_dataclass(typ):
+            kwargs[k] = from_dict(typ, v, prefix + k + ".")
+        else:
+            kwargs[k] = _coerce(v, typ, prefix + k)
+    return cls(**kwargs)
+
+
+def apply_overrides(d: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    """``["rl.group_size=32", "seed=1"]`` -> nested dict updates (values parsed as YAML scalars)."""
+    d = dict(d)
+    for ov in overrides:
+        if "=" not in ov:
+            raise ValueError(f"override {ov!r} must look like key.sub=value")
+        key, raw = ov.split("=", 1)
+        parts = key.strip().split(".")
+        node = d
+        for p in parts[:-1]:
+            node[p] = dict(node.get(p) or {})
+            node = node[p]
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    return d
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Load a run YAML (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    raw: Dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {e}") from None
+    raw = apply_overrides(raw, overrides)
+    try:
+        return from_dict(RunConfig, raw)
+    except ValueError as e:
+        raise ValueError(f"{path or '<defaults>'}: {e}") from None
+
+
+def save_config(cfg: RunConfig, path: str):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    d = cfg.to_dict()
+    d["eval"]["ks"] = list(d["eval"]["ks"])
+    with open(path, "w") as f:
+        yaml.safe_dump(d, f, sort_keys=False)

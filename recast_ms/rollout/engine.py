@@ -1,0 +1,203 @@
+"""Rollout engine: SID-constrained sampling of G responses per prompt, and beam search.
+
+The engine sees only token ids and next-token logits. A decoder (``recast_ms/rollout/decoder.py``)
+encodes each prompt ONCE, expands its cache to the G samples / K beams, and then feeds one token per
+step, so prompt work is P rows, not P*G. Sampling and the trie constraint run on the host in numpy:
+a response is L+1 tokens (L SID codes, then EOS), so the per-step host work is one ``[B, V]``
+array, and a seeded ``numpy.random.Generator`` makes rollouts exactly reproducible on resume.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Protocol, Tuple
+
+import numpy as np
+
+from recast_ms.sid import PrefixTrie, SIDTokenMap
+
+NEG_INF = -1e30
+
+
+class IncrementalDecoder(Protocol):
+    """What the engine needs from a model.
+
+    ``start`` encodes ``prompt_ids [B, Tp]`` (right-padded, lengths ``prompt_lens [B]``) once, repeats
+    each prompt's state ``expand`` times (row ``b * expand + j``) and returns the next-token logits
+    ``[B * expand, V]``. ``step`` appends ``tokens [N]`` and returns the next logits ``[N, V]``.
+    ``reorder(index [N])`` permutes rows (beam search).
+    """
+
+    def start(self, prompt_ids: np.ndarray, prompt_lens: np.ndarray, expand: int) -> np.ndarray: ...
+
+    def step(self, tokens: np.ndarray) -> np.ndarray: ...
+
+    def reorder(self, index: np.ndarray) -> None: ...
+
+
+class SIDConstraint:
+    """Per-step allowed-token masks from the prefix trie: level-l code tokens, then EOS.
+
+    ``mask(step, prev_tokens)`` -> ``[N, V]`` bool for rows whose already-generated token ids are
+    ``prev_tokens [N, step]``. Masks for each trie node are built lazily and cached.
+    """
+
+    def __init__(self, trie: PrefixTrie, token_map: SIDTokenMap, eos_id: int, vocab_size: int):
+        self.trie = trie
+        self.map = token_map
+        self.eos_id = int(eos_id)
+        self.V = int(vocab_size)
+        self.L = token_map.fmt.num_levels
+        self._cache: Dict[Tuple[int, ...], np.ndarray] = {}
+        self._eos_row = np.zeros(self.V, bool)
+        self._eos_row[self.eos_id] = True
+        self._code_of = np.full(max(self.V, int(token_map.code_to_id.max()) + 1), -1, np.int64)  # token id -> code
+        for tid, (_, code) in token_map.id_to_level_code.items():
+            self._code_of[tid] = code
+
+    def _row(self, prefix: Tuple[int, ...]) -> np.ndarray:
+        row = self._cache.get(prefix)
+        if row is None:
+            row = np.zeros(self.V, bool)
+            codes = self.trie.allowed(prefix)
+            row[self.map.code_to_id[len(prefix), codes]] = True
+            self._cache[prefix] = row
+        return row
+
+    def mask(self, step: int, prev_tokens: np.ndarray) -> np.ndarray:
+        n = prev_tokens.shape[0]
+        if step >= self.L:
+            return np.broadcast_to(self._eos_row, (n, self.V))
+        codes = self._code_of[prev_tokens[:, :step]]  # [N, step]
+        return np.stack([self._row(tuple(codes[i].tolist())) for i in range(n)])
+
+
+def _top_k_top_p(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    if top_k and top_k < logits.shape[1]:
+        kth = np.partition(logits, -top_k, axis=1)[:, -top_k][:, None]
+        logits = np.where(logits < kth, NEG_INF, logits)
+    if top_p < 1.0:
+        order = np.argsort(-logits, axis=1)
+        sorted_logits = np.take_along_axis(logits, order, axis=1)
+        probs = _softmax(sorted_logits)
+        cum = np.cumsum(probs, axis=1)
+        drop_sorted = cum - probs > top_p  # keep the smallest set whose mass reaches top_p
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=1)
+        logits = np.where(drop, NEG_INF, logits)
+    return logits
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=1, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
+@dataclass
+class Rollout:
+    """``response_ids [N, R]`` (pad after EOS), ``response_mask [N, R]`` (1 up to and incl. EOS),
+    ``logps [N, R]`` sampling-distribution log-probs (for diagnostics; the trainer recomputes)."""
+
+    response_ids: np.ndarray
+    response_mask: np.ndarray
+    logps: np.ndarray
+
+
+def sample_groups(
+    decoder: IncrementalDecoder,
+    prompt_ids: np.ndarray,
+    prompt_lens: np.ndarray,
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    rng: np.random.Generator,
+    constraint: Optional[SIDConstraint] = None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> Rollout:
+    """G samples per prompt: rows ``p*G .. p*G+G-1`` belong to prompt p. Shapes: ``[P*G, R]``."""
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0 (use beam_search for greedy)")
+    P = prompt_ids.shape[0]
+    N = P * group_size
+    logits = decoder.start(prompt_ids, prompt_lens, group_size)  # [N, V]
+    out = np.full((N, max_new_tokens), pad_id, np.int64)
+    mask = np.zeros((N, max_new_tokens), np.float32)
+    logps = np.zeros((N, max_new_tokens), np.float32)
+    done = np.zeros(N, bool)
+    for t in range(max_new_tokens):
+        lg = logits.astype(np.float64) / temperature
+        if constraint is not None:
+            lg = np.where(constraint.mask(t, out[:, :t]), lg, NEG_INF)
+        lg = _top_k_top_p(lg, top_k, top_p)
+        probs = _softmax(lg)
+        u = rng.random(N)[:, None]
+        tok = np.minimum((probs.cumsum(axis=1) < u).sum(axis=1), probs.shape[1] - 1)  # inverse-CDF draw
+        tok = np.where(done, pad_id, tok)
+        out[:, t] = tok
+        mask[:, t] = ~done
+        logps[:, t] = np.where(done, 0.0, np.log(np.maximum(probs[np.arange(N), tok], 1e-30)))
+        done |= tok == eos_id
+        if done.all() or t == max_new_tokens - 1:
+            break
+        logits = decoder.step(tok)
+    return Rollout(out, mask, logps)
+
+
+def beam_search(
+    decoder: IncrementalDecoder,
+    prompt_ids: np.ndarray,
+    prompt_lens: np.ndarray,
+    *,
+    beam_width: int,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    constraint: Optional[SIDConstraint] = None,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Beam search, K beams per prompt. Returns ``sequences [P, K, R]`` best first and their
+    summed log-probs ``[P, K]``. Finished beams (EOS) keep their score and are padded.
+
+    With the SID constraint every beam is a valid item; if a prefix has fewer than K continuations in
+    total, the surplus beams carry ``-inf`` scores and should be ignored (they are sorted last).
+    """
+    P, K = prompt_ids.shape[0], beam_width
+    logits = decoder.start(prompt_ids, prompt_lens, K)  # [P*K, V]
+    V = logits.shape[1]
+    seqs = np.full((P * K, max_new_tokens), pad_id, np.int64)
+    scores = np.full((P, K), NEG_INF)
+    scores[:, 0] = 0.0  # all beams start identical: expand only the first
+    done = np.zeros(P * K, bool)
+    for t in range(max_new_tokens):
+        lp = _log_softmax(logits.astype(np.float64))  # [P*K, V]
+        if constraint is not None:
+            lp = np.where(constraint.mask(t, seqs[:, :t]), lp, NEG_INF)
+        # a finished beam continues only with pad at zero cost
+        lp = np.where(done[:, None], NEG_INF, lp)
+        lp[done, pad_id] = 0.0
+        cand = (scores.reshape(-1, 1) + lp).reshape(P, K * V)  # [P, K*V]
+        top = np.argpartition(-cand, K - 1, axis=1)[:, :K]
+        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(cand, top, 1), axis=1, kind="stable"), 1)
+        new_scores = np.take_along_axis(cand, top, 1)  # [P, K]
+        parent = top // V  # [P, K]
+        tok = top % V
+        flat_parent = (np.arange(P)[:, None] * K + parent).reshape(-1)  # [P*K]
+        seqs = seqs[flat_parent]
+        tok = tok.reshape(-1)
+        prev_done = done[flat_parent]
+        seqs[:, t] = np.where(prev_done, pad_id, tok)
+        done = prev_done | (tok == eos_id)
+        scores = np.where(new_scores <= NEG_INF / 2, NEG_INF, new_scores)
+        if done.all() or t == max_new_tokens - 1:
+            break
+        decoder.reorder(flat_parent)
+        logits = decoder.step(seqs[:, t])
+    return seqs.reshape(P, K, max_new_tokens), scores

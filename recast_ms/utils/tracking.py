@@ -1,0 +1,93 @@
+"""Metrics tracking: slash-namespaced scalars to JSONL + TensorBoard event files, stage timers, memory."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from typing import Dict, Iterator, Optional
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (monotonic: compare across processes)."""
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / (1024.0 * 1024.0) if sys.platform == "darwin" else kb / 1024.0
+
+
+def current_rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
+
+
+class StageTimer:
+    """``with timer("rollout"): ...`` accumulates wall seconds under ``timing_s/rollout``."""
+
+    def __init__(self):
+        self.times: Dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            key = f"timing_s/{name}"
+            self.times[key] = self.times.get(key, 0.0) + time.perf_counter() - t0
+
+    def pop(self) -> Dict[str, float]:
+        out, self.times = self.times, {}
+        return out
+
+
+class MetricsLogger:
+    """Appends one JSON object per step to ``metrics.jsonl`` and mirrors scalars to TensorBoard.
+
+    The JSONL file is flushed every step, so a killed run loses nothing already logged; on resume
+    rows past the resumed step are dropped so curves never double up.
+    """
+
+    def __init__(self, out_dir: str, resume_step: Optional[int] = None, tensorboard: bool = True, filename: str = "metrics.jsonl"):
+        os.makedirs(out_dir, exist_ok=True)
+        self.path = os.path.join(out_dir, filename)
+        if resume_step is not None and os.path.exists(self.path):
+            with open(self.path) as f:
+                keep = [l for l in f if l.strip() and json.loads(l).get("step", -1) <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(keep)
+        elif resume_step is None and os.path.exists(self.path):
+            os.remove(self.path)
+        self._f = open(self.path, "a")
+        self._tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(out_dir, "tb"))
+            except ImportError:  # TensorBoard files are a convenience, JSONL is the record
+                self._tb = None
+
+    def log(self, step: int, metrics: Dict[str, float]):
+        row = {"step": int(step)}
+        for k, v in metrics.items():
+            v = float(v)
+            row[k] = v if math.isfinite(v) else str(v)
+            if self._tb is not None and math.isfinite(v):
+                self._tb.add_scalar(k, v, step)
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+
+    def close(self):
+        self._f.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_jsonl(path: str):
+    with open(path) as f:
+        return [json.loads(l) for l in f if l.strip()]
