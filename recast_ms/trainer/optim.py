@@ -1,0 +1,135 @@
+"""Optimisation machinery shared by SFT and RL: gradient accumulation, clipping, torch-exact AdamW.
+
+Two graph-mode cells, so that a step of any number of micro-batches compiles exactly twice:
+
+* :class:`GradAccumulator` runs ``value_and_grad`` of a loss cell on one micro-batch and adds the
+  gradients into persistent buffers.
+* :class:`AdamWApply` clips the accumulated gradient by global norm, applies AdamW and zeroes the
+  buffers.
+
+AdamW goes through the fused CPU primitive ``ops.AdamWeightDecay`` (``mint.optim.AdamW`` has no CPU
+kernel; ``nn.AdamWeightDecay`` has no bias correction). The primitive computes
+``p -= lr' * (m / (sqrt(v) + eps') + decay' * p)``; passing ``lr' = lr * sqrt(1 - b2^t) / (1 - b1^t)``,
+``eps' = eps * sqrt(1 - b2^t)`` and ``decay' = lr * wd / lr'`` gives torch's bias-corrected AdamW
+exactly. The three scalars are tensors fed per step, so the graph never recompiles.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Sequence
+
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops
+
+
+def _zeros_like_params(params, prefix: str) -> ms.ParameterTuple:
+    return ms.ParameterTuple(
+        [ms.Parameter(ops.zeros(p.shape, ms.float32), name=f"{prefix}.{p.name}", requires_grad=False) for p in params]
+    )
+
+
+class GradAccumulator(nn.Cell):
+    """``construct(*inputs)``: forward + backward of ``loss_cell(*inputs)``; grads added to buffers.
+
+    ``loss_cell`` returns ``(loss, *aux)``; the outputs are returned unchanged for logging.
+    """
+
+    def __init__(self, loss_cell: nn.Cell, params: Sequence[ms.Parameter], buffers: ms.ParameterTuple):
+        super().__init__(auto_prefix=False)
+        self.loss_cell = loss_cell
+        self.params = ms.ParameterTuple(params)
+        self.buffers = buffers
+        self.grad_fn = ms.value_and_grad(self.loss_cell, None, self.params, has_aux=True)
+
+    def construct(self, *inputs):
+        out, grads = self.grad_fn(*inputs)
+        for buf, g in zip(self.buffers, grads):
+            ops.assign_add(buf, g)
+        return out
+
+
+class AdamWApply(nn.Cell):
+    """``construct(lr, eps, decay, max_norm)`` -> pre-clip global grad norm; updates params, zeroes buffers."""
+
+    def __init__(self, params, buffers, m, v, decay_mask: List[bool], beta1: float, beta2: float):
+        super().__init__(auto_prefix=False)
+        self.params = ms.ParameterTuple(params)
+        self.buffers = buffers
+        self.m, self.v = m, v
+        self.decay_mask = tuple(decay_mask)
+        self.beta1 = ms.Tensor(beta1, ms.float32)
+        self.beta2 = ms.Tensor(beta2, ms.float32)
+        self.adamw = ops.AdamWeightDecay()
+
+    def construct(self, lr, eps, decay, max_norm):
+        sq = ops.zeros((), ms.float32)
+        for g in self.buffers:
+            flat = g.reshape(1, -1)
+            # a 2-D matmul of the flattened gradient with itself beats sum(g*g) on CPU
+            sq = sq + ops.matmul(flat, flat.T).reshape(())
+        norm = ops.sqrt(sq)
+        scale = ops.minimum(max_norm / (norm + 1e-6), ops.ones((), ms.float32))
+        zero = ops.zeros((), ms.float32)
+        for i in range(len(self.buffers)):
+            g = self.buffers[i] * scale
+            d = decay if self.decay_mask[i] else zero
+            self.adamw(self.params[i], self.m[i], self.v[i], lr, self.beta1, self.beta2, eps, d, g)
+            ops.assign(self.buffers[i], ops.zeros_like(self.buffers[i]))
+        return norm
+
+
+class Optimizer:
+    """Torch-exact AdamW with gradient accumulation over micro-batches, driven from Python.
+
+    ``state_dict()`` / ``load_state_dict()`` cover the moments and the step count, for exact resume.
+    """
+
+    def __init__(self, loss_cell: nn.Cell, params: Sequence[ms.Parameter], *, lr: float, weight_decay: float = 0.0,
+                 betas=(0.9, 0.999), eps: float = 1e-8, grad_clip: float = 1.0, name: str = "optim"):
+        params = list(params)
+        if not params:
+            raise ValueError("no trainable parameters")
+        self.lr, self.weight_decay, self.betas, self.eps, self.grad_clip = lr, weight_decay, betas, eps, grad_clip
+        self.buffers = _zeros_like_params(params, f"{name}.grad")
+        self.m = _zeros_like_params(params, f"{name}.m")
+        self.v = _zeros_like_params(params, f"{name}.v")
+        # norms' gains (1-D) are not decayed, as in nanoGPT / HF
+        decay_mask = [len(p.shape) >= 2 for p in params]
+        self.accumulate = GradAccumulator(loss_cell, params, self.buffers)
+        self.apply_cell = AdamWApply(params, self.buffers, self.m, self.v, decay_mask, betas[0], betas[1])
+        self.step_count = 0
+
+    def step(self, lr: float) -> float:
+        """Apply the accumulated gradient with learning rate ``lr``; returns the pre-clip grad norm."""
+        self.step_count += 1
+        t = self.step_count
+        b1, b2 = self.betas
+        bc2 = math.sqrt(1.0 - b2**t)
+        lr_eff = lr * bc2 / (1.0 - b1**t)
+        f = lambda x: ms.Tensor(np.float32(x))
+        norm = self.apply_cell(f(lr_eff), f(self.eps * bc2), f(lr * self.weight_decay / lr_eff),
+                               f(self.grad_clip if self.grad_clip > 0 else 3.0e38))
+        return float(norm.asnumpy())
+
+    def state_dict(self) -> Dict[str, np.ndarray]:
+        out = {p.name: p.asnumpy() for p in list(self.m) + list(self.v)}
+        out["__step__"] = np.array(self.step_count, np.int64)
+        return out
+
+    def load_state_dict(self, state: Dict[str, np.ndarray]):
+        for p in list(self.m) + list(self.v):
+            if p.name not in state:
+                raise KeyError(f"optimizer state has no tensor {p.name!r}")
+            if tuple(state[p.name].shape) != tuple(p.shape):
+                raise ValueError(f"optimizer tensor {p.name!r}: shape {state[p.name].shape} != {tuple(p.shape)}")
+            p.set_data(ms.Tensor(state[p.name], ms.float32))
+        self.step_count = int(state["__step__"])
+
+
+def cosine_lr(step: int, total: int, base_lr: float, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up to ``base_lr`` over ``warmup`` steps, then cosine decay to ``min_ratio * base_lr``."""
+    if warmup > 0 and step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
