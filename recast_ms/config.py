@@ -28,19 +28,23 @@ class DataConfig:
     dataset: str = "Industrial_and_Scientific"
     root: str = ""  # amazon data root; "" -> $RECAST_DATA_ROOT or ../shared/data/minionerec_amazon
     seed: int = 0
-    # synthetic catalogue shape
-    num_items: int = 600
-    codebook_size: int = 16
-    num_users: int = 3000
     with_titles: bool = False
-    max_history: int = 10
-    max_rl_prompts: int = 0  # 0 = all held-out validation prompts are RL prompts
+    text_vocab_size: int = 256  # learned sentencepiece pieces besides the SID tokens
+    valid_in_train: bool = False  # amazon: add valid rows to SFT training (final runs only)
+    # synthetic catalogue (recast_ms.data.synthetic.SyntheticConfig)
+    codebook_size: int = 16
+    num_users: int = 600
+    p_successor: float = 0.4
+    p_sibling: float = 0.2
+    p_branch: float = 0.15
+    p_jump: float = 0.12
+    max_rl_prompts: int = 0  # 0 = every validation sample is an RL prompt
     max_eval_prompts: int = 0  # 0 = the whole test split
 
     def __post_init__(self):
         _require(self.source in ("synthetic", "amazon"), f"data.source must be 'synthetic' or 'amazon', got {self.source!r}")
         _require(self.codebook_size >= 2, "data.codebook_size must be >= 2")
-        _require(self.max_history >= 1, "data.max_history must be >= 1")
+        _require(self.max_rl_prompts >= 0 and self.max_eval_prompts >= 0, "data.max_*_prompts must be >= 0")
 
 
 @dataclass

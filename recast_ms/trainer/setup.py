@@ -1,0 +1,62 @@
+"""Shared run set-up for SFT, RL and evaluation: data splits, tokenizer, runtime context, model."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+from recast_ms.config import DataConfig, RunConfig
+from recast_ms.data import SyntheticConfig, load_amazon, make_synthetic
+from recast_ms.data.prompts import prompt_corpus
+from recast_ms.data.sample import Splits
+
+logger = logging.getLogger(__name__)
+
+
+def load_splits(dcfg: DataConfig) -> Splits:
+    if dcfg.source == "synthetic":
+        return make_synthetic(SyntheticConfig(
+            seed=dcfg.seed, codebook_size=dcfg.codebook_size, num_users=dcfg.num_users,
+            p_successor=dcfg.p_successor, p_sibling=dcfg.p_sibling, p_branch=dcfg.p_branch, p_jump=dcfg.p_jump))
+    splits = load_amazon(dcfg.dataset, root=dcfg.root or None, valid_in_train=dcfg.valid_in_train)
+    if splits.report.num_malformed:
+        logger.warning("%s: skipped %d malformed rows: %s", dcfg.dataset, splits.report.num_malformed, splits.report.malformed)
+    return splits
+
+
+def get_tokenizer(splits: Splits, tokenizer_dir: str, dcfg: DataConfig):
+    """The embedded default tokenizer: sentencepiece trained on the SFT prompt corpus with every SID
+    code as one user-defined symbol. Trained once per run directory and reused (SFT, RL and evaluation
+    must share ids)."""
+    from recast_ms.models.tokenizer import META_FILE, SentencePieceSIDTokenizer, load_tokenizer
+
+    if os.path.exists(os.path.join(tokenizer_dir, META_FILE)):
+        return load_tokenizer(tokenizer_dir)
+    tok = SentencePieceSIDTokenizer.train(
+        prompt_corpus(splits.train, splits.codebook, dcfg.with_titles),
+        splits.codebook.code_tokens(),
+        text_vocab_size=dcfg.text_vocab_size,
+    )
+    tok.save(tokenizer_dir)
+    return tok
+
+
+def init_runtime(device_target: str = "CPU", parallel: Optional[dict] = None):
+    import mindspore as ms
+
+    from recast_ms.models.qwen3 import build_context
+
+    ms.set_device(device_target)
+    return build_context(device_target, ms.GRAPH_MODE, parallel=parallel)
+
+
+def build_model(cfg: RunConfig, tokenizer, seed: int):
+    from recast_ms.models.qwen3 import build_qwen3
+
+    return build_qwen3(cfg.model_config_path, vocab_size=tokenizer.vocab_size, seq_length=cfg.seq_length,
+                       pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id, seed=seed)
+
+
+def response_len(splits: Splits) -> int:
+    """L code tokens + EOS."""
+    return splits.codebook.num_levels + 1

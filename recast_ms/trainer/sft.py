@@ -1,0 +1,168 @@
+"""Supervised warm start: next-token loss on the response (target SID + EOS) only.
+
+Static shapes: every batch is ``[batch_size, seq_length]`` (one length bucket: prompts drop their
+oldest history items to fit ``seq_length - (L + 1)`` tokens), so the train step compiles once and
+the validation forward once. AdamW with linear warm-up and cosine decay. A checkpoint (weights,
+optimizer moments, step, epoch permutation and position, RNG) every ``save_every`` steps; a killed
+run resumes from the newest one and loses at most ``save_every`` steps.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Dict, Optional
+
+import numpy as np
+
+from recast_ms.config import RunConfig, save_config
+from recast_ms.data.batching import encode_prompts, encode_targets, pack
+from recast_ms.trainer import checkpoint as ckpt
+from recast_ms.trainer.optim import Optimizer, cosine_lr
+from recast_ms.trainer.setup import build_model, get_tokenizer, init_runtime, load_splits, response_len
+from recast_ms.utils.tracking import MetricsLogger, StageTimer, peak_rss_mb
+
+logger = logging.getLogger(__name__)
+
+
+def _sft_loss_cell(model):
+    from mindspore import nn, ops
+
+    from recast_ms.models.policy import TokenLogProbs
+
+    class SFTLoss(nn.Cell):
+        """Token-mean NLL over response tokens. Inputs ``input_ids [B, S]``, ``loss_mask [B, S-1]``."""
+
+        def __init__(self):
+            super().__init__(auto_prefix=False)
+            self.logps = TokenLogProbs(model)
+
+        def construct(self, input_ids, loss_mask):
+            lp = self.logps(input_ids)  # [B, S-1]
+            n = loss_mask.sum()
+            return -(lp * loss_mask).sum() / ops.maximum(n, ops.ones_like(n)), n
+
+    return SFTLoss()
+
+
+def encode_split(samples, splits, tok, cfg: RunConfig):
+    R = response_len(splits)
+    prompts = encode_prompts(samples, splits.codebook, tok, cfg.seq_length - R, cfg.data.with_titles)
+    targets = encode_targets(samples, splits.codebook, tok, R)
+    return pack(prompts.ids, prompts.lens, targets, (targets != tok.pad_id).astype(np.float32), cfg.seq_length, tok.pad_id)
+
+
+class _Batches:
+    """Seeded epoch permutations; ``state()`` / ``load()`` make the data order resumable exactly."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.bs = n, batch_size
+        self.rng = np.random.default_rng(seed)
+        self.epoch, self.pos = 0, 0
+        self.perm = self.rng.permutation(n)
+
+    def next(self) -> np.ndarray:
+        if self.pos + self.bs > self.n:  # drop the ragged tail of an epoch; the next epoch reshuffles
+            self.epoch += 1
+            self.pos = 0
+            self.perm = self.rng.permutation(self.n)
+        idx = self.perm[self.pos : self.pos + self.bs]
+        self.pos += self.bs
+        return idx
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "perm": self.perm.tolist(), "rng": ckpt.rng_state(self.rng)}
+
+    def load(self, st: dict):
+        self.epoch, self.pos, self.perm = st["epoch"], st["pos"], np.array(st["perm"])
+        ckpt.set_rng_state(self.rng, st["rng"])
+
+
+def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool = True,
+            stop_after: Optional[int] = None) -> Dict[str, float]:
+    """Train; returns the last logged metrics. ``stop_after`` ends early after that many steps in this
+    call (used by the kill-and-resume test)."""
+    import mindspore as ms
+    from tqdm import tqdm
+
+    from recast_ms.models.policy import TokenLogProbs
+
+    os.makedirs(run_dir, exist_ok=True)
+    save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    splits = load_splits(cfg.data)
+    tok = get_tokenizer(splits, os.path.join(run_dir, "tokenizer"), cfg.data)
+    init_runtime()
+    model = build_model(cfg, tok, seed=cfg.seed)
+    s = cfg.sft
+    if len(splits.train) < s.batch_size:
+        raise ValueError(f"{len(splits.train)} training samples < sft.batch_size={s.batch_size}")
+    train_ids, train_mask = encode_split(splits.train, splits, tok, cfg)
+    n_val = min(len(splits.valid), 4 * s.batch_size)
+    val_ids, val_mask = encode_split(splits.valid[:n_val], splits, tok, cfg)
+
+    opt = Optimizer(_sft_loss_cell(model), model.trainable_params(), lr=s.lr, weight_decay=s.weight_decay,
+                    grad_clip=s.grad_clip, name="sft")
+    batches = _Batches(len(train_ids), s.batch_size, cfg.seed)
+    step = 0
+    last = ckpt.latest_checkpoint(run_dir) if resume else None
+    if last:
+        tensors, meta = ckpt.load_state(last)
+        ckpt.restore_model(model, tensors, path=last)
+        opt.load_state_dict({k[len("optim/"):]: v for k, v in tensors.items() if k.startswith("optim/")})
+        batches.load(meta["batches"])
+        step = meta["step"]
+        logger.info("resumed SFT from %s (step %d)", last, step)
+    logps_fn = TokenLogProbs(model)
+    log = MetricsLogger(run_dir, resume_step=step if last else None, filename="sft_metrics.jsonl")
+    timer = StageTimer()
+
+    def save(at_step):
+        tensors = ckpt.model_tensors(model)
+        tensors.update({"optim/" + k: v for k, v in opt.state_dict().items()})
+        ckpt.save_state(run_dir, at_step, tensors, {"batches": batches.state(), "phase": "sft"})
+
+    def val_loss() -> float:
+        tot, cnt = 0.0, 0.0
+        for i in range(0, n_val, s.batch_size):
+            ids, mask = val_ids[i : i + s.batch_size], val_mask[i : i + s.batch_size]
+            pad = s.batch_size - len(ids)
+            if pad:  # keep the compiled shape: repeat rows with a zero mask
+                ids = np.concatenate([ids, ids[:pad]])
+                mask = np.concatenate([mask, np.zeros_like(mask[:pad])])
+            lp = logps_fn(ms.Tensor(ids)).asnumpy()
+            tot += float(-(lp * mask).sum())
+            cnt += float(mask.sum())
+        return tot / max(cnt, 1.0)
+
+    metrics: Dict[str, float] = {}
+    bar = tqdm(total=s.steps, initial=step, desc="sft", disable=not progress, dynamic_ncols=True)
+    done_here = 0
+    while step < s.steps:
+        lr = cosine_lr(step, s.steps, s.lr, s.warmup_steps, s.min_lr_ratio)
+        idx = batches.next()
+        with timer("step"):
+            loss, ntok = opt.accumulate(ms.Tensor(train_ids[idx]), ms.Tensor(train_mask[idx]))
+            grad_norm = opt.step(lr)
+        loss = float(loss.asnumpy())
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            prev = ckpt.latest_checkpoint(run_dir)
+            raise FloatingPointError(f"SFT step {step}: non-finite loss {loss} / grad norm {grad_norm}; "
+                                     f"stopping. Last good checkpoint: {prev}")
+        step += 1
+        done_here += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+        if step % s.log_every == 0 or step == s.steps:
+            metrics = {"sft/loss": loss, "sft/lr": lr, "sft/grad_norm": grad_norm, "sft/epoch": batches.epoch,
+                       "perf/peak_rss_mb": peak_rss_mb(), **timer.pop()}
+            if step % s.eval_every == 0 or step == s.steps:
+                metrics["sft/val_loss"] = val_loss()
+            log.log(step, metrics)
+        if step % s.save_every == 0 or step == s.steps:
+            save(step)
+        if stop_after is not None and done_here >= stop_after:
+            break
+    bar.close()
+    log.close()
+    return metrics
