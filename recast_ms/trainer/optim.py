@@ -52,8 +52,11 @@ class GradAccumulator(nn.Cell):
 class AdamWApply(nn.Cell):
     """``construct(lr, eps, decay, max_norm)`` -> pre-clip global grad norm; updates params, zeroes buffers."""
 
-    def __init__(self, params, buffers, m, v, decay_mask: List[bool], beta1: float, beta2: float):
+    def __init__(self, params, buffers, m, v, decay_mask: List[bool], beta1: float, beta2: float, world_size: int = 1):
         super().__init__(auto_prefix=False)
+        self.world_size = int(world_size)
+        if self.world_size > 1:  # data parallel: average the accumulated gradients over ranks first
+            self.allreduce = ops.AllReduce()
         self.params = ms.ParameterTuple(params)
         self.buffers = buffers
         self.m, self.v = m, v
@@ -63,6 +66,9 @@ class AdamWApply(nn.Cell):
         self.adamw = ops.AdamWeightDecay()
 
     def construct(self, lr, eps, decay, max_norm):
+        if self.world_size > 1:
+            for buf in self.buffers:
+                ops.assign(buf, self.allreduce(buf) / self.world_size)
         sq = ops.zeros((), ms.float32)
         for g in self.buffers:
             flat = g.reshape(1, -1)
@@ -86,7 +92,8 @@ class Optimizer:
     """
 
     def __init__(self, loss_cell: nn.Cell, params: Sequence[ms.Parameter], *, lr: float, weight_decay: float = 0.0,
-                 betas=(0.9, 0.999), eps: float = 1e-8, grad_clip: float = 1.0, name: str = "optim"):
+                 betas=(0.9, 0.999), eps: float = 1e-8, grad_clip: float = 1.0, name: str = "optim",
+                 world_size: int = 1):
         params = list(params)
         if not params:
             raise ValueError("no trainable parameters")
@@ -97,7 +104,7 @@ class Optimizer:
         # norms' gains (1-D) are not decayed, as in nanoGPT / HF
         decay_mask = [len(p.shape) >= 2 for p in params]
         self.accumulate = GradAccumulator(loss_cell, params, self.buffers)
-        self.apply_cell = AdamWApply(params, self.buffers, self.m, self.v, decay_mask, betas[0], betas[1])
+        self.apply_cell = AdamWApply(params, self.buffers, self.m, self.v, decay_mask, betas[0], betas[1], world_size)
         self.step_count = 0
 
     def step(self, lr: float) -> float:

@@ -46,8 +46,12 @@ def init_runtime(device_target: str = "CPU", parallel: Optional[dict] = None):
 
     from recast_ms.models.qwen3 import build_context
 
+    from recast_ms.cli import quiet_mindformers
+
     ms.set_device(device_target)
-    return build_context(device_target, ms.GRAPH_MODE, parallel=parallel)
+    ctx = build_context(device_target, ms.GRAPH_MODE, parallel=parallel)
+    quiet_mindformers()
+    return ctx
 
 
 def build_model(cfg: RunConfig, tokenizer, seed: int):

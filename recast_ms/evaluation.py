@@ -1,0 +1,96 @@
+"""Evaluation: beam search (K beams, optionally SID-constrained) over a model, then Pass/Recall/NDCG@K.
+
+Batches have a fixed size (the last one is filled with repeated prompts whose results are dropped),
+so the decoder compiles once per run.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from recast_ms.config import EvalConfig
+from recast_ms.data.batching import encode_prompts
+from recast_ms.metrics import aggregate_metrics, most_popular_ranking
+from recast_ms.rollout.engine import SIDConstraint, beam_search
+from recast_ms.sid import SIDTokenMap
+
+
+def decode_sid(row: np.ndarray, token_map: SIDTokenMap, eos_id: int):
+    """The SID a generated row names: the first L tokens must be level-ordered codes, else None
+    (unparseable). The SID may still be invalid (not in the catalogue); metrics treat it as a miss."""
+    sids = token_map.parse_ids(row[: token_map.fmt.num_levels])
+    return sids[0] if sids else None
+
+
+def make_decoder(model, max_prompt_len: int, max_new_tokens: int, pad_id: int, kind: str = "kv"):
+    from recast_ms.rollout.decoder import FullForwardDecoder, Qwen3KVDecoder
+
+    if kind == "kv":
+        return Qwen3KVDecoder(model, max_prompt_len, max_new_tokens, pad_id)
+    if kind == "full":
+        return FullForwardDecoder(model, max_prompt_len + max_new_tokens, pad_id)
+    raise ValueError(f"unknown decoder kind {kind!r} (kv | full)")
+
+
+def generate_rankings(decoder, samples, codebook, tokenizer, token_map: SIDTokenMap, *, seq_length: int,
+                      ecfg: EvalConfig, with_titles: bool = False, progress: bool = False) -> List[List]:
+    """Beam-ordered SIDs (None for an unparseable beam) for each sample."""
+    from tqdm import tqdm
+
+    R = codebook.num_levels + 1
+    prompts = encode_prompts(samples, codebook, tokenizer, seq_length - R, with_titles)
+    cons = SIDConstraint(codebook.trie, token_map, tokenizer.eos_id, tokenizer.vocab_size) if ecfg.constrained else None
+    out: List[List] = []
+    B = ecfg.batch_size
+    for start in tqdm(range(0, len(samples), B), desc="eval", disable=not progress, dynamic_ncols=True):
+        ids, lens = prompts.ids[start : start + B], prompts.lens[start : start + B]
+        n = len(ids)
+        if n < B:  # fixed batch shape: fill with copies of the first row, dropped below
+            ids = np.concatenate([ids, np.repeat(ids[:1], B - n, 0)])
+            lens = np.concatenate([lens, np.repeat(lens[:1], B - n, 0)])
+        seqs, scores = beam_search(decoder, ids, lens, beam_width=ecfg.beam_width, max_new_tokens=R,
+                                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, constraint=cons)
+        for b in range(n):
+            live = scores[b] > -1e29  # beams that exist (a tiny catalogue may have fewer than K items)
+            out.append([decode_sid(s, token_map, tokenizer.eos_id) for s in seqs[b][live]])
+    return out
+
+
+def evaluate(decoder, samples, codebook, tokenizer, *, seq_length: int, ecfg: EvalConfig, prefix: str = "eval",
+             with_titles: bool = False, progress: bool = False) -> Tuple[Dict[str, float], List[List]]:
+    from recast_ms.models.tokenizer import sid_token_map
+
+    tmap = sid_token_map(tokenizer, codebook)
+    rankings = generate_rankings(decoder, samples, codebook, tokenizer, tmap, seq_length=seq_length, ecfg=ecfg,
+                                 with_titles=with_titles, progress=progress)
+    metrics = aggregate_metrics(rankings, [s.target_sids for s in samples], ecfg.ks, prefix=prefix, codebook=codebook)
+    return metrics, rankings
+
+
+def popularity_baseline(train, samples, ks: Sequence[int], prefix: str = "popular") -> Dict[str, float]:
+    ranking = most_popular_ranking(train, max(ks))
+    return aggregate_metrics([ranking] * len(samples), [s.target_sids for s in samples], ks, prefix=prefix)
+
+
+def format_table(rows: Dict[str, Dict[str, float]], ks: Sequence[int]) -> str:
+    """Markdown table: one row per system, Pass/Recall/NDCG at each K."""
+    cols = [f"pass@{k}" for k in ks] + [f"recall@{k}" for k in ks] + [f"ndcg@{k}" for k in ks]
+    lines = ["| system | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, m in rows.items():
+        vals = []
+        for c in cols:
+            key = next((k for k in m if k.endswith("/" + c)), None)
+            vals.append(f"{m[key]:.4f}" if key is not None else "-")
+        lines.append(f"| {name} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)

@@ -1,0 +1,383 @@
+"""GRPO-style RL post-training with a replaceable advantage estimator (GRPO, repair-only,
+boundary-only, ReCast, adaptive ReCast).
+
+One step (``RLTrainer.step``)::
+
+    rollout   P prompts x G samples, each prompt encoded once (KV decoder), optionally SID-constrained
+    reward    binary hit + structural score per sample                               [P, G]
+    signal    estimator -> advantages; boundary estimators select (pos, neg) per group [P, 2]
+    gather    boundary estimators keep only the active pair: [P*G, T] -> [2P, T], BEFORE any actor work
+    ref       frozen reference log-probs over the (gathered) batch
+    update    PPO-clip + k3 KL, token-mean per sequence, AdamW over micro-batches
+    metrics   slash-namespaced, JSONL + TensorBoard
+
+GRPO and repair-only keep the full ``[P*G, T]`` batch; boundary estimators always have ``[2P, T]``
+(skipped groups stay as rows with a zero loss mask), so no estimator recompiles after step 1. The
+update is on-policy (one optimizer step per rollout), so old log-probs equal the actor's and no old-
+policy forward is run (``ppo_epochs > 1`` computes them). Data parallel: each rank rolls out its own
+``P`` prompts; gradients are averaged across ranks inside the optimizer cell.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from recast_ms.config import RunConfig, save_config
+from recast_ms.data.batching import encode_prompts, encode_targets, pack
+from recast_ms.signals import compute_signal, estimator_flags, signal_diagnostics, structural_score, task_reward
+from recast_ms.trainer import checkpoint as ckpt
+from recast_ms.trainer.setup import build_model, get_tokenizer, init_runtime, load_splits, response_len
+from recast_ms.utils.tracking import MetricsLogger, StageTimer, current_rss_mb, peak_rss_mb
+
+logger = logging.getLogger(__name__)
+
+BOUNDARY_ESTIMATORS = ("recast", "boundary_only", "recast_adaptive")
+
+
+def _rl_loss_cell(model, rcfg, on_policy: bool):
+    from mindspore import nn, ops
+
+    from recast_ms.models.policy import TokenLogProbs
+    from recast_ms.trainer.loss import PolicyLoss
+
+    class RLLoss(nn.Cell):
+        """Inputs: ``input_ids [B, S]``, ``old_logps / ref_logps / loss_mask [B, S-1]``, ``advantages [B]``,
+        ``num_seqs`` scalar. Outputs ``(loss, pg_loss, kl, clip_frac)``."""
+
+        def __init__(self):
+            super().__init__(auto_prefix=False)
+            self.logps = TokenLogProbs(model, rcfg.temperature)
+            self.loss = PolicyLoss(rcfg.clip_low, rcfg.clip_high, rcfg.kl_coef)
+
+        def construct(self, input_ids, old_logps, ref_logps, advantages, loss_mask, num_seqs):
+            lp = self.logps(input_ids)  # [B, S-1]
+            old = ops.stop_gradient(lp) if on_policy else old_logps
+            return self.loss(lp, old, ref_logps, advantages, loss_mask, num_seqs)
+
+    return RLLoss()
+
+
+class _PromptSampler:
+    """Seeded epochs over the RL prompts; exact state for resume."""
+
+    def __init__(self, n: int, per_step: int, seed: int):
+        if n < per_step:
+            raise ValueError(f"{n} RL prompts < rl.prompts_per_step={per_step}")
+        self.n, self.k = n, per_step
+        self.rng = np.random.default_rng(seed)
+        self.perm, self.pos, self.epoch = self.rng.permutation(n), 0, 0
+
+    def next(self) -> np.ndarray:
+        if self.pos + self.k > self.n:
+            self.perm, self.pos, self.epoch = self.rng.permutation(self.n), 0, self.epoch + 1
+        out = self.perm[self.pos : self.pos + self.k]
+        self.pos += self.k
+        return out
+
+    def state(self):
+        return {"perm": self.perm.tolist(), "pos": self.pos, "epoch": self.epoch, "rng": ckpt.rng_state(self.rng)}
+
+    def load(self, st):
+        self.perm, self.pos, self.epoch = np.array(st["perm"]), st["pos"], st["epoch"]
+        ckpt.set_rng_state(self.rng, st["rng"])
+
+
+class AdaptiveRepair:
+    """Repair that recedes as groups become trainable on their own (``recast_adaptive``).
+
+    Rule: keep an exponential moving average ``n`` of the naturally-trainable group ratio; repair
+    each all-zero group with probability ``p = clip(1 - n / target, floor, 1)``. While the policy
+    rarely hits (n ~ 0) this is static ReCast; once ``n`` reaches ``target`` repair stops, so the
+    anchor -- an off-policy sample -- no longer competes with natural positives (the paper's named
+    failure of static repair on stronger backbones).
+    """
+
+    def __init__(self, target: float, floor: float, momentum: float):
+        self.target, self.floor, self.momentum = target, floor, momentum
+        self.ema: Optional[float] = None
+
+    @property
+    def prob(self) -> float:
+        n = 0.0 if self.ema is None else self.ema
+        return float(min(1.0, max(self.floor, 1.0 - n / self.target)))
+
+    def update(self, natural_ratio: float):
+        self.ema = natural_ratio if self.ema is None else self.momentum * self.ema + (1 - self.momentum) * natural_ratio
+
+
+class RLTrainer:
+    """Builds data, tokenizer, actor, frozen reference and optimizer; ``train()`` runs the loop."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str, init_checkpoint: Optional[str], tokenizer_dir: str, *,
+                 progress: bool = True, rank: int = 0, world_size: int = 1):
+        import mindspore as ms
+
+        from recast_ms.evaluation import make_decoder
+        from recast_ms.models.policy import TokenLogProbs, freeze_copy
+        from recast_ms.models.tokenizer import sid_token_map
+        from recast_ms.rollout.engine import SIDConstraint
+        from recast_ms.signals_ms import GatherActive, RecastSelect
+        from recast_ms.trainer.optim import Optimizer
+
+        self.cfg, self.rcfg, self.run_dir = cfg, cfg.rl, run_dir
+        self.progress, self.rank, self.world = progress and rank == 0, rank, world_size
+        os.makedirs(run_dir, exist_ok=True)
+        if rank == 0:
+            save_config(cfg, os.path.join(run_dir, "config.yaml"))
+        self.splits = load_splits(cfg.data)
+        self.tok = get_tokenizer(self.splits, tokenizer_dir, cfg.data)
+        init_runtime()
+        self.model = build_model(cfg, self.tok, seed=cfg.seed)
+        if init_checkpoint:
+            tensors, _ = ckpt.load_state(init_checkpoint)
+            ckpt.restore_model(self.model, tensors, path=init_checkpoint)
+        self.ref_model = freeze_copy(self.model) if self.rcfg.kl_coef > 0 else None
+        self.ref_logps_fn = TokenLogProbs(self.ref_model, self.rcfg.temperature) if self.ref_model is not None else None
+        self.actor_logps_fn = TokenLogProbs(self.model, self.rcfg.temperature)
+
+        cb = self.splits.codebook
+        self.R = response_len(self.splits)
+        self.Tp = cfg.seq_length - self.R
+        rl_samples = self.splits.valid[: cfg.data.max_rl_prompts or None]
+        self.rl_samples = rl_samples
+        self.rl_prompts = encode_prompts(rl_samples, cb, self.tok, self.Tp, cfg.data.with_titles)
+        self.rl_anchors = encode_targets(rl_samples, cb, self.tok, self.R)  # ground-truth responses [N, R]
+        self.eval_samples = self.splits.test[: cfg.data.max_eval_prompts or None]
+        self.token_map = sid_token_map(self.tok, cb)
+        self.constraint = SIDConstraint(cb.trie, self.token_map, self.tok.eos_id, self.tok.vocab_size) \
+            if self.rcfg.constrained else None
+        self.decoder = make_decoder(self.model, self.Tp, self.R, self.tok.pad_id)
+
+        r = self.rcfg
+        self.estimator = r.estimator
+        self.boundary = r.estimator in BOUNDARY_ESTIMATORS
+        self.flags = estimator_flags("recast" if r.estimator == "recast_adaptive" else r.estimator)
+        self.P, self.G = r.prompts_per_step, r.group_size
+        self.batch_rows = 2 * self.P if self.boundary else self.P * self.G
+        self.micro = min(r.micro_batch_size, self.batch_rows)
+        self.num_micro = -(-self.batch_rows // self.micro)
+        if self.boundary:
+            self.select = RecastSelect(self.G, r.alpha, repair=self.flags["repair"])
+            self.gather = GatherActive(self.G)
+        self.adaptive = AdaptiveRepair(r.adaptive_target, r.adaptive_floor, r.adaptive_momentum) \
+            if r.estimator == "recast_adaptive" else None
+        self.on_policy = r.ppo_epochs == 1
+        self.opt = Optimizer(_rl_loss_cell(self.model, r, self.on_policy), self.model.trainable_params(), lr=r.lr,
+                             weight_decay=r.weight_decay, grad_clip=r.grad_clip, name="rl", world_size=world_size)
+        self.sampler = _PromptSampler(len(rl_samples), self.P, cfg.seed + 1000 * rank)
+        self.rollout_rng = np.random.default_rng(cfg.seed + 7919 + 1000 * rank)
+        self.adapt_rng = np.random.default_rng(cfg.seed + 104729 + 1000 * rank)
+        self.step_idx = 0
+        self.timer = StageTimer()
+        self._ms = ms
+
+    # ------------------------------------------------------------------ state
+
+    def state_tensors(self) -> Dict[str, np.ndarray]:
+        t = ckpt.model_tensors(self.model)
+        t.update({"optim/" + k: v for k, v in self.opt.state_dict().items()})
+        return t
+
+    def state_meta(self) -> dict:
+        return {"sampler": self.sampler.state(), "rollout_rng": ckpt.rng_state(self.rollout_rng),
+                "adapt_rng": ckpt.rng_state(self.adapt_rng),
+                "adaptive_ema": None if self.adaptive is None else self.adaptive.ema, "phase": "rl",
+                "estimator": self.estimator}
+
+    def save(self):
+        if self.rank == 0:
+            ckpt.save_state(self.run_dir, self.step_idx, self.state_tensors(), self.state_meta())
+
+    def resume(self) -> bool:
+        last = ckpt.latest_checkpoint(self.run_dir)
+        if not last:
+            return False
+        tensors, meta = ckpt.load_state(last)
+        if meta.get("phase") != "rl":
+            raise ValueError(f"{last} is not an RL checkpoint")
+        ckpt.restore_model(self.model, tensors, path=last)
+        self.opt.load_state_dict({k[len("optim/"):]: v for k, v in tensors.items() if k.startswith("optim/")})
+        self.sampler.load(meta["sampler"])
+        ckpt.set_rng_state(self.rollout_rng, meta["rollout_rng"])
+        ckpt.set_rng_state(self.adapt_rng, meta["adapt_rng"])
+        if self.adaptive is not None:
+            self.adaptive.ema = meta["adaptive_ema"]
+        self.step_idx = meta["step"]
+        logger.info("resumed RL from %s (step %d)", last, self.step_idx)
+        return True
+
+    # ------------------------------------------------------------------ one step
+
+    def _rewards(self, responses: np.ndarray, samples) -> (np.ndarray, np.ndarray, np.ndarray):
+        """Binary hits, structural scores and validity for ``[P*G, R]`` responses -> ``[P, G]``."""
+        cb = self.splits.codebook
+        P, G = len(samples), self.G
+        r = np.zeros((P, G))
+        s = np.zeros((P, G))
+        valid = np.zeros((P, G), bool)
+        for i in range(P):
+            tgt = samples[i].target_sids
+            for j in range(G):
+                sids = [x for x in self.token_map.parse_ids(responses[i * G + j][: self.R]) if cb.is_valid(x)]
+                valid[i, j] = bool(sids)
+                r[i, j] = task_reward(sids, tgt)
+                s[i, j] = structural_score(sids, tgt)
+        return r, s, valid
+
+    def step(self) -> Dict[str, float]:
+        ms = self._ms
+        r, T = self.rcfg, self.timer
+        P, G, S = self.P, self.G, self.cfg.seq_length
+        pad = self.tok.pad_id
+        with T("step"):
+            idx = self.sampler.next()
+            samples = [self.rl_samples[i] for i in idx]
+            p_ids, p_lens = self.rl_prompts.ids[idx], self.rl_prompts.lens[idx]
+            anchors = self.rl_anchors[idx]  # [P, R]
+            with T("rollout"):
+                from recast_ms.rollout.engine import sample_groups
+
+                ro = sample_groups(self.decoder, p_ids, p_lens, group_size=G, max_new_tokens=self.R,
+                                   eos_id=self.tok.eos_id, pad_id=pad, rng=self.rollout_rng, constraint=self.constraint,
+                                   temperature=r.temperature, top_k=r.top_k, top_p=r.top_p)
+            with T("reward"):
+                rewards, scores, valid = self._rewards(ro.response_ids, samples)
+                resp_mask = ro.response_mask  # [P*G, R]
+                repair_mask = np.ones(P, bool)
+                if self.adaptive is not None:
+                    repair_mask = self.adapt_rng.random(P) < self.adaptive.prob
+            with T("signal"):
+                if self.boundary:
+                    out = self.select(ms.Tensor(rewards, ms.float32), ms.Tensor(scores, ms.float32),
+                                      ms.Tensor(repair_mask))
+                    act_idx, pair_adv, act_mask, repaired = out[0], out[1], out[2], out[3]
+                    rows = self.gather(ms.Tensor(ro.response_ids.astype(np.int32)), ms.Tensor(anchors),
+                                       act_idx, repaired).asnumpy()  # [2P, R]
+                    anchor_mask = (anchors != pad).astype(np.float32)
+                    rmask = self.gather(ms.Tensor(resp_mask), ms.Tensor(anchor_mask), act_idx, repaired).asnumpy()
+                    repaired = repaired.asnumpy()
+                    act_mask = act_mask.asnumpy()
+                    adv_rows = pair_adv.asnumpy().reshape(-1)  # [2P]
+                    row_live = np.repeat(act_mask, 2).astype(np.float32)  # [2P]
+                    prompt_rows = np.repeat(np.arange(P), 2)
+                else:
+                    sig = compute_signal(self.estimator, rewards, scores, alpha=r.alpha, eps=r.eps)
+                    repaired = sig.repaired
+                    rows = ro.response_ids.astype(np.int32).copy()
+                    rmask = resp_mask.copy()
+                    for p in np.nonzero(repaired)[0]:  # repair-only: the anchor takes the slot
+                        j = p * G + sig.anchor_index[p]
+                        rows[j] = anchors[p]
+                        rmask[j] = (anchors[p] != pad)
+                    adv_rows = sig.advantages.reshape(-1)
+                    row_live = np.ones(P * G, np.float32)
+                    prompt_rows = np.repeat(np.arange(P), G)
+                    act_mask = sig.active_mask
+                input_ids, loss_mask = pack(p_ids[prompt_rows], p_lens[prompt_rows], rows, rmask, S, pad)
+                loss_mask *= row_live[:, None]
+            B = len(input_ids)
+            assert B == self.batch_rows, (B, self.batch_rows)
+            n_mb = self.num_micro
+            pad_rows = n_mb * self.micro - B
+            if pad_rows:  # static micro-batch shape: masked filler rows
+                input_ids = np.concatenate([input_ids, np.repeat(input_ids[:1], pad_rows, 0)])
+                loss_mask = np.concatenate([loss_mask, np.zeros((pad_rows, S - 1), np.float32)])
+                adv_rows = np.concatenate([adv_rows, np.zeros(pad_rows)])
+            adv_rows = adv_rows.astype(np.float32)
+            mbs = [slice(k * self.micro, (k + 1) * self.micro) for k in range(n_mb)]
+            zeros = np.zeros((self.micro, S - 1), np.float32)
+            with T("old_log_prob"):
+                old = [zeros] * n_mb if self.on_policy else \
+                    [self.actor_logps_fn(ms.Tensor(input_ids[m])).asnumpy() for m in mbs]
+            with T("ref"):
+                ref = [self.ref_logps_fn(ms.Tensor(input_ids[m])).asnumpy() for m in mbs] \
+                    if self.ref_logps_fn is not None else [zeros] * n_mb
+            num_seqs = ms.Tensor(np.float32(B))
+            stats = np.zeros(4)
+            mem_peak = current_rss_mb()
+            with T("update_actor"):
+                for _ in range(r.ppo_epochs):
+                    for k, m in enumerate(mbs):
+                        outs = self.opt.accumulate(ms.Tensor(input_ids[m]), ms.Tensor(old[k]), ms.Tensor(ref[k]),
+                                                   ms.Tensor(adv_rows[m]), ms.Tensor(loss_mask[m]), num_seqs)
+                        stats += np.array([float(o.asnumpy()) for o in outs]) * np.array([1, 1, 1.0 / n_mb, 1.0 / n_mb])
+                        mem_peak = max(mem_peak, current_rss_mb())
+                    grad_norm = self.opt.step(r.lr)
+            stats /= r.ppo_epochs
+            if not all(math.isfinite(v) for v in list(stats) + [grad_norm]):
+                raise FloatingPointError(
+                    f"RL step {self.step_idx + 1}: non-finite loss/grad (loss={stats[0]}, grad_norm={grad_norm}); "
+                    f"stopping. Last good checkpoint: {ckpt.latest_checkpoint(self.run_dir)}")
+        self.step_idx += 1
+        diag = signal_diagnostics(rewards, repaired=repaired if self.flags["repair"] else np.zeros(P, bool))
+        if self.adaptive is not None:
+            self.adaptive.update(diag["signals/naturally_trainable_ratio"])
+        m = {
+            "reward/mean": float(rewards.mean()),
+            "reward/group_hit_rate": float((rewards.sum(1) > 0).mean()),
+            "reward/struct_score_mean": float(scores.mean()),
+            "rollout/valid_ratio": float(valid.mean()),
+            **diag,
+            "signals/active_group_ratio": float(np.mean(act_mask)),
+            "actor/loss": stats[0], "actor/pg_loss": stats[1], "actor/kl": stats[2], "actor/clip_frac": stats[3],
+            "actor/grad_norm": grad_norm,
+            "actor/rows": float(B),
+            "actor/tokens": float(B * S),  # tokens the actor's forward/backward processes (static shape)
+            "actor/response_tokens": float(loss_mask.sum()),  # tokens that carry loss
+            "perf/rss_peak_step_mb": mem_peak,
+            "perf/peak_rss_mb": peak_rss_mb(),
+            **T.pop(),
+        }
+        if self.adaptive is not None:
+            m["signals/adaptive_repair_prob"] = self.adaptive.prob
+        return m
+
+    # ------------------------------------------------------------------ eval + loop
+
+    def evaluate(self, prefix: str = "eval") -> Dict[str, float]:
+        from recast_ms.evaluation import evaluate
+
+        metrics, _ = evaluate(self.decoder, self.eval_samples, self.splits.codebook, self.tok,
+                              seq_length=self.cfg.seq_length, ecfg=self.cfg.eval, prefix=prefix,
+                              with_titles=self.cfg.data.with_titles)
+        return metrics
+
+    def train(self, resume: bool = True, stop_after: Optional[int] = None, evaluate: bool = True) -> List[dict]:
+        from tqdm import tqdm
+
+        resumed = self.resume() if resume else False
+        log = MetricsLogger(self.run_dir, resume_step=self.step_idx if resumed else None,
+                            tensorboard=self.rank == 0) if self.rank == 0 else None
+        history = []
+        if evaluate and self.step_idx == 0 and self.rank == 0:
+            m0 = self.evaluate()
+            log.log(0, m0)
+            history.append({"step": 0, **m0})
+        bar = tqdm(total=self.rcfg.steps, initial=self.step_idx, desc=f"rl[{self.estimator}]",
+                   disable=not self.progress, dynamic_ncols=True)
+        done = 0
+        while self.step_idx < self.rcfg.steps:
+            m = self.step()
+            bar.update(1)
+            bar.set_postfix(reward=f"{m['reward/mean']:.3f}", all0=f"{m['signals/all_zero_group_ratio']:.2f}",
+                            loss=f"{m['actor/loss']:.3f}")
+            s = self.step_idx
+            if evaluate and self.rank == 0 and (s % self.rcfg.eval_every == 0 or s == self.rcfg.steps):
+                m.update(self.evaluate())
+            if log is not None:
+                log.log(s, m)
+            history.append({"step": s, **m})
+            if s % self.rcfg.save_every == 0 or s == self.rcfg.steps:
+                self.save()
+            done += 1
+            if stop_after is not None and done >= stop_after:
+                break
+        bar.close()
+        if log is not None:
+            log.close()
+        return history
