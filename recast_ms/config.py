@@ -133,7 +133,7 @@ class RunConfig:
     model_config: str = "model_configs/qwen3_tiny.yaml"
     output_dir: str = "runs/default"
     seed: int = 0
-    seq_length: int = 64  # prompt + response, fixed: the compiled graphs never see another length
+    seq_length: int = 48  # prompt + response, fixed: the compiled graphs never see another length
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rl: RLConfig = field(default_factory=RLConfig)

@@ -1,9 +1,10 @@
 """Training-state checkpoints for exact resume: weights, optimizer moments, step, data order, RNG.
 
-A checkpoint is a directory ``<run>/checkpoints/step_<N>/`` holding ``state.npz`` (every tensor)
-and ``meta.json`` (step, sampler positions, RNG states, anything JSON-able). It is written into a
-temporary directory and renamed into place, so a kill mid-write never leaves a half checkpoint
-that ``latest_checkpoint`` would pick up. Only the newest ``keep`` checkpoints are kept.
+A checkpoint is a directory ``<run>/checkpoints/step_<N>/`` holding ``state.ckpt`` (a MindSpore
+checkpoint with CRC: ``model/<param>`` weights and ``optim/<name>`` optimizer moments, written by
+``recast_ms.models.weights.save_checkpoint``) and ``meta.json`` (step, sampler positions, RNG states).
+The directory is written under a temporary name and renamed into place, so a kill mid-write never
+leaves a half checkpoint that ``latest_checkpoint`` would pick up. Only the newest ``keep`` are kept.
 """
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ def save_state(run_dir: str, step: int, tensors: Dict[str, np.ndarray], meta: di
     final = os.path.join(ckpt_root, f"step_{step}")
     tmp = tempfile.mkdtemp(prefix=f".step_{step}.", dir=ckpt_root)
     try:
-        np.savez(os.path.join(tmp, "state.npz"), **tensors)
+        from recast_ms.models.weights import save_checkpoint
+
+        save_checkpoint(tensors, os.path.join(tmp, "state.ckpt"))
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump({"step": int(step), **meta}, f)
         if os.path.exists(final):
@@ -56,13 +59,15 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
 
 
 def load_state(path: str) -> Tuple[Dict[str, np.ndarray], dict]:
+    """``(tensors, meta)`` of a checkpoint directory; a corrupt file is an error naming it."""
+    from recast_ms.models.weights import read_checkpoint
+
     try:
         with open(os.path.join(path, "meta.json")) as f:
             meta = json.load(f)
-        with np.load(os.path.join(path, "state.npz")) as z:
-            tensors = {k: z[k] for k in z.files}
-    except (OSError, ValueError, json.JSONDecodeError) as e:
-        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"checkpoint {path}: meta.json unreadable ({type(e).__name__}: {e})") from None
+    tensors, _ = read_checkpoint(os.path.join(path, "state.ckpt"))
     return tensors, meta
 
 

@@ -229,107 +229,127 @@ class RLTrainer:
                 s[i, j] = structural_score(sids, tgt)
         return r, s, valid
 
-    def step(self) -> Dict[str, float]:
+    def make_batch(self) -> dict:
+        """Rollout, reward, signal and (for boundary estimators) the physical gather: the actor batch.
+
+        Returns ``input_ids [B, S]``, ``loss_mask [B, S-1]``, ``advantages [B]`` with ``B = 2P`` (boundary
+        estimators) or ``P*G``, plus the ``[P, G]`` rewards/scores and signal outputs for metrics.
+        """
         ms = self._ms
         r, T = self.rcfg, self.timer
         P, G, S = self.P, self.G, self.cfg.seq_length
         pad = self.tok.pad_id
-        with T("step"):
-            idx = self.sampler.next()
-            samples = [self.rl_samples[i] for i in idx]
-            p_ids, p_lens = self.rl_prompts.ids[idx], self.rl_prompts.lens[idx]
-            anchors = self.rl_anchors[idx]  # [P, R]
-            with T("rollout"):
-                from recast_ms.rollout.engine import sample_groups
+        idx = self.sampler.next()
+        samples = [self.rl_samples[i] for i in idx]
+        p_ids, p_lens = self.rl_prompts.ids[idx], self.rl_prompts.lens[idx]
+        anchors = self.rl_anchors[idx]  # [P, R] the ground truth rendered exactly as a response
+        with T("rollout"):
+            from recast_ms.rollout.engine import sample_groups
 
-                ro = sample_groups(self.decoder, p_ids, p_lens, group_size=G, max_new_tokens=self.R,
-                                   eos_id=self.tok.eos_id, pad_id=pad, rng=self.rollout_rng, constraint=self.constraint,
-                                   temperature=r.temperature, top_k=r.top_k, top_p=r.top_p)
-            with T("reward"):
-                rewards, scores, valid = self._rewards(ro.response_ids, samples)
-                resp_mask = ro.response_mask  # [P*G, R]
-                repair_mask = np.ones(P, bool)
-                if self.adaptive is not None:
-                    repair_mask = self.adapt_rng.random(P) < self.adaptive.prob
-            with T("signal"):
-                if self.boundary:
-                    out = self.select(ms.Tensor(rewards, ms.float32), ms.Tensor(scores, ms.float32),
-                                      ms.Tensor(repair_mask))
-                    act_idx, pair_adv, act_mask, repaired = out[0], out[1], out[2], out[3]
-                    rows = self.gather(ms.Tensor(ro.response_ids.astype(np.int32)), ms.Tensor(anchors),
-                                       act_idx, repaired).asnumpy()  # [2P, R]
-                    anchor_mask = (anchors != pad).astype(np.float32)
-                    rmask = self.gather(ms.Tensor(resp_mask), ms.Tensor(anchor_mask), act_idx, repaired).asnumpy()
-                    repaired = repaired.asnumpy()
-                    act_mask = act_mask.asnumpy()
-                    adv_rows = pair_adv.asnumpy().reshape(-1)  # [2P]
-                    row_live = np.repeat(act_mask, 2).astype(np.float32)  # [2P]
-                    prompt_rows = np.repeat(np.arange(P), 2)
-                else:
-                    sig = compute_signal(self.estimator, rewards, scores, alpha=r.alpha, eps=r.eps)
-                    repaired = sig.repaired
-                    rows = ro.response_ids.astype(np.int32).copy()
-                    rmask = resp_mask.copy()
-                    for p in np.nonzero(repaired)[0]:  # repair-only: the anchor takes the slot
-                        j = p * G + sig.anchor_index[p]
-                        rows[j] = anchors[p]
-                        rmask[j] = (anchors[p] != pad)
-                    adv_rows = sig.advantages.reshape(-1)
-                    row_live = np.ones(P * G, np.float32)
-                    prompt_rows = np.repeat(np.arange(P), G)
-                    act_mask = sig.active_mask
-                input_ids, loss_mask = pack(p_ids[prompt_rows], p_lens[prompt_rows], rows, rmask, S, pad)
-                loss_mask *= row_live[:, None]
-            B = len(input_ids)
-            assert B == self.batch_rows, (B, self.batch_rows)
-            n_mb = self.num_micro
-            pad_rows = n_mb * self.micro - B
-            if pad_rows:  # static micro-batch shape: masked filler rows
-                input_ids = np.concatenate([input_ids, np.repeat(input_ids[:1], pad_rows, 0)])
-                loss_mask = np.concatenate([loss_mask, np.zeros((pad_rows, S - 1), np.float32)])
-                adv_rows = np.concatenate([adv_rows, np.zeros(pad_rows)])
-            adv_rows = adv_rows.astype(np.float32)
-            mbs = [slice(k * self.micro, (k + 1) * self.micro) for k in range(n_mb)]
-            zeros = np.zeros((self.micro, S - 1), np.float32)
-            with T("old_log_prob"):
-                old = [zeros] * n_mb if self.on_policy else \
-                    [self.actor_logps_fn(ms.Tensor(input_ids[m])).asnumpy() for m in mbs]
-            with T("ref"):
-                ref = [self.ref_logps_fn(ms.Tensor(input_ids[m])).asnumpy() for m in mbs] \
-                    if self.ref_logps_fn is not None else [zeros] * n_mb
-            num_seqs = ms.Tensor(np.float32(B))
-            stats = np.zeros(4)
-            mem_peak = current_rss_mb()
-            with T("update_actor"):
-                for _ in range(r.ppo_epochs):
-                    for k, m in enumerate(mbs):
-                        outs = self.opt.accumulate(ms.Tensor(input_ids[m]), ms.Tensor(old[k]), ms.Tensor(ref[k]),
-                                                   ms.Tensor(adv_rows[m]), ms.Tensor(loss_mask[m]), num_seqs)
-                        stats += np.array([float(o.asnumpy()) for o in outs]) * np.array([1, 1, 1.0 / n_mb, 1.0 / n_mb])
-                        mem_peak = max(mem_peak, current_rss_mb())
-                    grad_norm = self.opt.step(r.lr)
-            stats /= r.ppo_epochs
-            if not all(math.isfinite(v) for v in list(stats) + [grad_norm]):
-                raise FloatingPointError(
-                    f"RL step {self.step_idx + 1}: non-finite loss/grad (loss={stats[0]}, grad_norm={grad_norm}); "
-                    f"stopping. Last good checkpoint: {ckpt.latest_checkpoint(self.run_dir)}")
+            ro = sample_groups(self.decoder, p_ids, p_lens, group_size=G, max_new_tokens=self.R,
+                               eos_id=self.tok.eos_id, pad_id=pad, rng=self.rollout_rng, constraint=self.constraint,
+                               temperature=r.temperature, top_k=r.top_k, top_p=r.top_p)
+        with T("reward"):
+            rewards, scores, valid = self._rewards(ro.response_ids, samples)  # [P, G]
+            resp_mask = ro.response_mask  # [P*G, R]
+            repair_mask = np.ones(P, bool)
+            if self.adaptive is not None:
+                repair_mask = self.adapt_rng.random(P) < self.adaptive.prob
+        with T("signal"):
+            if self.boundary:
+                act_idx, pair_adv, act_mask, repaired = self.select(
+                    ms.Tensor(rewards, ms.float32), ms.Tensor(scores, ms.float32), ms.Tensor(repair_mask))[:4]
+                # the physical filter: only the active pair of each group survives, [P*G, R] -> [2P, R]
+                rows = self.gather(ms.Tensor(ro.response_ids.astype(np.int32)), ms.Tensor(anchors),
+                                   act_idx, repaired).asnumpy()
+                rmask = self.gather(ms.Tensor(resp_mask), ms.Tensor((anchors != pad).astype(np.float32)),
+                                    act_idx, repaired).asnumpy()
+                repaired, act_mask = repaired.asnumpy(), act_mask.asnumpy()
+                adv_rows = pair_adv.asnumpy().reshape(-1)  # [2P]
+                row_live = np.repeat(act_mask, 2).astype(np.float32)  # skipped groups: zero loss mask
+                prompt_rows = np.repeat(np.arange(P), 2)
+                active_index = act_idx.asnumpy()
+            else:
+                sig = compute_signal(self.estimator, rewards, scores, alpha=r.alpha, eps=r.eps)
+                repaired, act_mask, active_index = sig.repaired, sig.active_mask, sig.active_index
+                rows = ro.response_ids.astype(np.int32).copy()
+                rmask = resp_mask.copy()
+                for p in np.nonzero(repaired)[0]:  # repair-only: the anchor takes the replaced slot
+                    j = p * G + sig.anchor_index[p]
+                    rows[j] = anchors[p]
+                    rmask[j] = anchors[p] != pad
+                adv_rows = sig.advantages.reshape(-1)  # [P*G]
+                row_live = np.ones(P * G, np.float32)
+                prompt_rows = np.repeat(np.arange(P), G)
+            input_ids, loss_mask = pack(p_ids[prompt_rows], p_lens[prompt_rows], rows, rmask, S, pad)
+            loss_mask *= row_live[:, None]
+        return {"input_ids": input_ids, "loss_mask": loss_mask, "advantages": adv_rows.astype(np.float32),
+                "rewards": rewards, "scores": scores, "valid": valid, "repaired": repaired, "active_mask": act_mask,
+                "active_index": active_index, "prompt_index": idx}
+
+    def update(self, batch: dict) -> Dict[str, float]:
+        """Old/ref log-probs and the actor update over micro-batches of a fixed shape."""
+        ms = self._ms
+        r, T, S = self.rcfg, self.timer, self.cfg.seq_length
+        input_ids, loss_mask, adv_rows = batch["input_ids"], batch["loss_mask"], batch["advantages"]
+        B = len(input_ids)
+        if B != self.batch_rows:
+            raise RuntimeError(f"actor batch has {B} rows, the compiled shape is {self.batch_rows}")
+        n_mb = self.num_micro
+        pad_rows = n_mb * self.micro - B
+        if pad_rows:  # static micro-batch shape: masked filler rows
+            input_ids = np.concatenate([input_ids, np.repeat(input_ids[:1], pad_rows, 0)])
+            loss_mask = np.concatenate([loss_mask, np.zeros((pad_rows, S - 1), np.float32)])
+            adv_rows = np.concatenate([adv_rows, np.zeros(pad_rows, np.float32)])
+        mbs = [slice(k * self.micro, (k + 1) * self.micro) for k in range(n_mb)]
+        zeros = np.zeros((self.micro, S - 1), np.float32)
+        with T("old_log_prob"):
+            old = [zeros] * n_mb if self.on_policy else \
+                [self.actor_logps_fn(ms.Tensor(input_ids[m])).asnumpy() for m in mbs]
+        with T("ref"):
+            ref = [self.ref_logps_fn(ms.Tensor(input_ids[m])).asnumpy() for m in mbs] \
+                if self.ref_logps_fn is not None else [zeros] * n_mb
+        num_seqs = ms.Tensor(np.float32(B))
+        stats = np.zeros(4)
+        mem_peak = current_rss_mb()
+        with T("update_actor"):
+            for _ in range(r.ppo_epochs):
+                for k, m in enumerate(mbs):
+                    outs = self.opt.accumulate(ms.Tensor(input_ids[m]), ms.Tensor(old[k]), ms.Tensor(ref[k]),
+                                               ms.Tensor(adv_rows[m]), ms.Tensor(loss_mask[m]), num_seqs)
+                    # loss terms add up over micro-batches; kl / clip_frac are per-micro-batch means
+                    stats += np.array([float(o.asnumpy()) for o in outs]) * np.array([1, 1, 1.0 / n_mb, 1.0 / n_mb])
+                    mem_peak = max(mem_peak, current_rss_mb())
+                grad_norm = self.opt.step(r.lr)
+        stats /= r.ppo_epochs
+        if not all(math.isfinite(v) for v in list(stats) + [grad_norm]):
+            raise FloatingPointError(
+                f"RL step {self.step_idx + 1}: non-finite loss/grad (loss={stats[0]}, grad_norm={grad_norm}); "
+                f"stopping. Last good checkpoint: {ckpt.latest_checkpoint(self.run_dir)}")
+        return {"actor/loss": stats[0], "actor/pg_loss": stats[1], "actor/kl": stats[2], "actor/clip_frac": stats[3],
+                "actor/grad_norm": grad_norm, "actor/rows": float(B),
+                "actor/tokens": float(B * S),  # tokens the actor's forward/backward processes (static shape)
+                "actor/response_tokens": float(loss_mask.sum()),  # tokens that carry loss
+                "perf/rss_peak_step_mb": mem_peak}
+
+    def step(self) -> Dict[str, float]:
+        T, P = self.timer, self.P
+        with T("step"):
+            batch = self.make_batch()
+            upd = self.update(batch)
         self.step_idx += 1
-        diag = signal_diagnostics(rewards, repaired=repaired if self.flags["repair"] else np.zeros(P, bool))
+        rewards = batch["rewards"]
+        diag = signal_diagnostics(rewards, repaired=batch["repaired"] if self.flags["repair"] else np.zeros(P, bool))
         if self.adaptive is not None:
             self.adaptive.update(diag["signals/naturally_trainable_ratio"])
         m = {
             "reward/mean": float(rewards.mean()),
             "reward/group_hit_rate": float((rewards.sum(1) > 0).mean()),
-            "reward/struct_score_mean": float(scores.mean()),
-            "rollout/valid_ratio": float(valid.mean()),
+            "reward/struct_score_mean": float(batch["scores"].mean()),
+            "rollout/valid_ratio": float(batch["valid"].mean()),
             **diag,
-            "signals/active_group_ratio": float(np.mean(act_mask)),
-            "actor/loss": stats[0], "actor/pg_loss": stats[1], "actor/kl": stats[2], "actor/clip_frac": stats[3],
-            "actor/grad_norm": grad_norm,
-            "actor/rows": float(B),
-            "actor/tokens": float(B * S),  # tokens the actor's forward/backward processes (static shape)
-            "actor/response_tokens": float(loss_mask.sum()),  # tokens that carry loss
-            "perf/rss_peak_step_mb": mem_peak,
+            "signals/active_group_ratio": float(np.mean(batch["active_mask"])),
+            **upd,
             "perf/peak_rss_mb": peak_rss_mb(),
             **T.pop(),
         }

@@ -55,10 +55,15 @@ def init_runtime(device_target: str = "CPU", parallel: Optional[dict] = None):
 
 
 def build_model(cfg: RunConfig, tokenizer, seed: int):
+    import contextlib
+    import io
+
     from recast_ms.models.qwen3 import build_qwen3
 
-    return build_qwen3(cfg.model_config_path, vocab_size=tokenizer.vocab_size, seq_length=cfg.seq_length,
-                       pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id, seed=seed)
+    # MindFormers print()s a ~60-line config-conversion table on every build; keep the console readable
+    with contextlib.redirect_stdout(io.StringIO()):
+        return build_qwen3(cfg.model_config_path, vocab_size=tokenizer.vocab_size, seq_length=cfg.seq_length,
+                           pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id, seed=seed)
 
 
 def response_len(splits: Splits) -> int:
