@@ -3,6 +3,13 @@
 Each worker rolls out its own prompts (its sampler and RNGs are seeded with the rank) and the
 optimizer cell averages the accumulated gradients with ``AllReduce`` before clipping, so every
 rank applies the same update and the weights stay identical.
+
+MindSpore and MindFormers stay in stand-alone parallel mode (no ``DATA_PARALLEL`` context, no
+MindFormers ``parallel_config``, lazy inline untouched): the only collective is that ``AllReduce``,
+which works in stand-alone mode once ``communication.init()`` has run. Launch with
+``scripts/launch_msrun.sh`` (msrun, one process per rank). ``init()`` fixes the device with the
+rank's negotiated device id, so later ``set_device`` calls must not change it (``init_runtime``
+tolerates the already-set device).
 """
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ from recast_ms.config import RunConfig, save_config
 from recast_ms.data.batching import encode_prompts, encode_targets, pack
 from recast_ms.signals import compute_signal, estimator_flags, signal_diagnostics, structural_score, task_reward
 from recast_ms.trainer import checkpoint as ckpt
-from recast_ms.trainer.setup import build_model, get_tokenizer, init_runtime, load_splits, response_len
+from recast_ms.trainer.setup import build_model, get_tokenizer, init_runtime, load_splits, quiet_stdout, response_len
 from recast_ms.utils.tracking import MetricsLogger, StageTimer, current_rss_mb, peak_rss_mb
 
 logger = logging.getLogger(__name__)
@@ -63,28 +63,19 @@ def _rl_loss_cell(model, rcfg, on_policy: bool):
 
 
 class _PromptSampler:
-    """Seeded epochs over the RL prompts; exact state for resume."""
+    """Seeded epochs over the RL prompts. The prompts of step t are a pure function of (seed, t), so
+    every data-parallel rank resumes its own stream exactly without saving per-rank state."""
 
     def __init__(self, n: int, per_step: int, seed: int):
         if n < per_step:
             raise ValueError(f"{n} RL prompts < rl.prompts_per_step={per_step}")
-        self.n, self.k = n, per_step
-        self.rng = np.random.default_rng(seed)
-        self.perm, self.pos, self.epoch = self.rng.permutation(n), 0, 0
+        self.n, self.k, self.seed = n, per_step, seed
+        self.per_epoch = n // per_step  # the ragged tail of an epoch is skipped; the next one reshuffles
 
-    def next(self) -> np.ndarray:
-        if self.pos + self.k > self.n:
-            self.perm, self.pos, self.epoch = self.rng.permutation(self.n), 0, self.epoch + 1
-        out = self.perm[self.pos : self.pos + self.k]
-        self.pos += self.k
-        return out
-
-    def state(self):
-        return {"perm": self.perm.tolist(), "pos": self.pos, "epoch": self.epoch, "rng": ckpt.rng_state(self.rng)}
-
-    def load(self, st):
-        self.perm, self.pos, self.epoch = np.array(st["perm"]), st["pos"], st["epoch"]
-        ckpt.set_rng_state(self.rng, st["rng"])
+    def at(self, step: int) -> np.ndarray:
+        epoch, slot = divmod(step, self.per_epoch)
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return perm[slot * self.k : (slot + 1) * self.k]
 
 
 class AdaptiveRepair:
@@ -136,7 +127,8 @@ class RLTrainer:
         if init_checkpoint:
             tensors, _ = ckpt.load_state(init_checkpoint)
             ckpt.restore_model(self.model, tensors, path=init_checkpoint)
-        self.ref_model = freeze_copy(self.model) if self.rcfg.kl_coef > 0 else None
+        with quiet_stdout():  # MindFormers print()s its config table on every model build
+            self.ref_model = freeze_copy(self.model) if self.rcfg.kl_coef > 0 else None
         self.ref_logps_fn = TokenLogProbs(self.ref_model, self.rcfg.temperature) if self.ref_model is not None else None
         self.actor_logps_fn = TokenLogProbs(self.model, self.rcfg.temperature)
 
@@ -170,8 +162,6 @@ class RLTrainer:
         self.opt = Optimizer(_rl_loss_cell(self.model, r, self.on_policy), self.model.trainable_params(), lr=r.lr,
                              weight_decay=r.weight_decay, grad_clip=r.grad_clip, name="rl", world_size=world_size)
         self.sampler = _PromptSampler(len(rl_samples), self.P, cfg.seed + 1000 * rank)
-        self.rollout_rng = np.random.default_rng(cfg.seed + 7919 + 1000 * rank)
-        self.adapt_rng = np.random.default_rng(cfg.seed + 104729 + 1000 * rank)
         self.step_idx = 0
         self.timer = StageTimer()
         self._ms = ms
@@ -183,10 +173,15 @@ class RLTrainer:
         t.update({"optim/" + k: v for k, v in self.opt.state_dict().items()})
         return t
 
+    def _rng(self, stream: int) -> np.random.Generator:
+        """The RNG of one stream (rollout, adaptive repair) at the current step on this rank: a pure
+        function of (seed, stream, rank, step), so resume is exact on every rank."""
+        return np.random.default_rng([self.cfg.seed, stream, self.rank, self.step_idx])
+
     def state_meta(self) -> dict:
-        return {"sampler": self.sampler.state(), "rollout_rng": ckpt.rng_state(self.rollout_rng),
-                "adapt_rng": ckpt.rng_state(self.adapt_rng),
-                "adaptive_ema": None if self.adaptive is None else self.adaptive.ema, "phase": "rl",
+        # prompts and RNG streams derive from (seed, rank, step), so the step is all a resume needs;
+        # the adaptive-repair average follows each rank's own rollouts and rank 0's is saved
+        return {"adaptive_ema": None if self.adaptive is None else self.adaptive.ema, "phase": "rl",
                 "estimator": self.estimator}
 
     def save(self):
@@ -202,9 +197,8 @@ class RLTrainer:
             raise ValueError(f"{last} is not an RL checkpoint")
         ckpt.restore_model(self.model, tensors, path=last)
         self.opt.load_state_dict({k[len("optim/"):]: v for k, v in tensors.items() if k.startswith("optim/")})
-        self.sampler.load(meta["sampler"])
-        ckpt.set_rng_state(self.rollout_rng, meta["rollout_rng"])
-        ckpt.set_rng_state(self.adapt_rng, meta["adapt_rng"])
+        if meta.get("estimator") != self.estimator:
+            raise ValueError(f"{last} was written by estimator {meta.get('estimator')!r}, this run is {self.estimator!r}")
         if self.adaptive is not None:
             self.adaptive.ema = meta["adaptive_ema"]
         self.step_idx = meta["step"]
@@ -239,7 +233,7 @@ class RLTrainer:
         r, T = self.rcfg, self.timer
         P, G, S = self.P, self.G, self.cfg.seq_length
         pad = self.tok.pad_id
-        idx = self.sampler.next()
+        idx = self.sampler.at(self.step_idx)
         samples = [self.rl_samples[i] for i in idx]
         p_ids, p_lens = self.rl_prompts.ids[idx], self.rl_prompts.lens[idx]
         anchors = self.rl_anchors[idx]  # [P, R] the ground truth rendered exactly as a response
@@ -247,14 +241,14 @@ class RLTrainer:
             from recast_ms.rollout.engine import sample_groups
 
             ro = sample_groups(self.decoder, p_ids, p_lens, group_size=G, max_new_tokens=self.R,
-                               eos_id=self.tok.eos_id, pad_id=pad, rng=self.rollout_rng, constraint=self.constraint,
+                               eos_id=self.tok.eos_id, pad_id=pad, rng=self._rng(0), constraint=self.constraint,
                                temperature=r.temperature, top_k=r.top_k, top_p=r.top_p)
         with T("reward"):
             rewards, scores, valid = self._rewards(ro.response_ids, samples)  # [P, G]
             resp_mask = ro.response_mask  # [P*G, R]
             repair_mask = np.ones(P, bool)
             if self.adaptive is not None:
-                repair_mask = self.adapt_rng.random(P) < self.adaptive.prob
+                repair_mask = self._rng(1).random(P) < self.adaptive.prob
         with T("signal"):
             if self.boundary:
                 act_idx, pair_adv, act_mask, repaired = self.select(

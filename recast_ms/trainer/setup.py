@@ -1,6 +1,8 @@
 """Shared run set-up for SFT, RL and evaluation: data splits, tokenizer, runtime context, model."""
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 from typing import Optional
@@ -48,20 +50,27 @@ def init_runtime(device_target: str = "CPU", parallel: Optional[dict] = None):
 
     from recast_ms.cli import quiet_mindformers
 
-    ms.set_device(device_target)
+    try:
+        ms.set_device(device_target)
+    except RuntimeError as err:
+        # under msrun ``communication.init()`` has already fixed the device with a negotiated device id
+        # (the rank's); setting it again with the default id 0 raises. The same target is fine.
+        if "can not be modified" not in str(err) or ms.get_current_device().device_target != device_target:
+            raise
     ctx = build_context(device_target, ms.GRAPH_MODE, parallel=parallel)
     quiet_mindformers()
     return ctx
 
 
-def build_model(cfg: RunConfig, tokenizer, seed: int):
-    import contextlib
-    import io
+def quiet_stdout():
+    """MindFormers print()s a ~60-line config-conversion table on every model build; swallow it."""
+    return contextlib.redirect_stdout(io.StringIO())
 
+
+def build_model(cfg: RunConfig, tokenizer, seed: int):
     from recast_ms.models.qwen3 import build_qwen3
 
-    # MindFormers print()s a ~60-line config-conversion table on every build; keep the console readable
-    with contextlib.redirect_stdout(io.StringIO()):
+    with quiet_stdout():
         return build_qwen3(cfg.model_config_path, vocab_size=tokenizer.vocab_size, seq_length=cfg.seq_length,
                            pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id, seed=seed)
 

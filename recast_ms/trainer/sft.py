@@ -138,6 +138,7 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
     metrics: Dict[str, float] = {}
     bar = tqdm(total=s.steps, initial=step, desc="sft", disable=not progress, dynamic_ncols=True)
     done_here = 0
+    last_log = step
     while step < s.steps:
         lr = cosine_lr(step, s.steps, s.lr, s.warmup_steps, s.min_lr_ratio)
         idx = batches.next()
@@ -154,8 +155,11 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
         if step % s.log_every == 0 or step == s.steps:
+            since = step - last_log
+            last_log = step
             metrics = {"sft/loss": loss, "sft/lr": lr, "sft/grad_norm": grad_norm, "sft/epoch": batches.epoch,
-                       "perf/peak_rss_mb": peak_rss_mb(), **timer.pop()}
+                       "perf/peak_rss_mb": peak_rss_mb(),
+                       **{k: v / since for k, v in timer.pop().items()}}  # seconds per step over the interval
             if step % s.eval_every == 0 or step == s.steps:
                 metrics["sft/val_loss"] = val_loss()
             log.log(step, metrics)
