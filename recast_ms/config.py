@@ -34,12 +34,14 @@ class DataConfig:
     # synthetic catalogue (recast_ms.data.synthetic.SyntheticConfig)
     codebook_size: int = 16
     num_users: int = 600
-    p_successor: float = 0.4
-    p_sibling: float = 0.2
-    p_branch: float = 0.15
-    p_jump: float = 0.12
+    # sparse-hit defaults: a calibrated policy hits ~3.5% of samples (most groups of 16 all-zero)
+    # and the best last-item predictor reaches Pass@1 ~0.13, leaving room for RL
+    p_successor: float = 0.1
+    p_sibling: float = 0.3
+    p_branch: float = 0.25
+    p_jump: float = 0.15
     max_rl_prompts: int = 0  # 0 = every validation sample is an RL prompt
-    max_eval_prompts: int = 0  # 0 = the whole test split
+    max_eval_prompts: int = 300  # 0 = the whole test split
 
     def __post_init__(self):
         _require(self.source in ("synthetic", "amazon"), f"data.source must be 'synthetic' or 'amazon', got {self.source!r}")
@@ -49,15 +51,15 @@ class DataConfig:
 
 @dataclass
 class SFTConfig:
-    steps: int = 600
+    steps: int = 200
     batch_size: int = 32
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
+    warmup_steps: int = 20
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    eval_every: int = 200
-    save_every: int = 100
+    eval_every: int = 100
+    save_every: int = 50
     log_every: int = 10
 
     def __post_init__(self):
@@ -74,9 +76,9 @@ class RLConfig:
     estimator: str = "recast"  # grpo | repair_only | boundary_only | recast | recast_adaptive
     alpha: float = 1.0
     group_size: int = 16
-    prompts_per_step: int = 16
-    steps: int = 40
-    lr: float = 1e-4
+    prompts_per_step: int = 8
+    steps: int = 30
+    lr: float = 2e-4
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     clip_low: float = 0.2
@@ -86,7 +88,7 @@ class RLConfig:
     top_k: int = 0
     top_p: float = 1.0
     constrained: bool = True
-    micro_batch_size: int = 64
+    micro_batch_size: int = 128
     ppo_epochs: int = 1
     eps: float = 1e-6
     eval_every: int = 10
@@ -131,6 +133,9 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     model_config: str = "model_configs/qwen3_tiny.yaml"
+    # a Hugging Face Qwen3 checkpoint directory (config.json, safetensors, tokenizer.json) to start
+    # from instead of a randomly initialised model_config; SID tokens are added to its vocabulary
+    hf_checkpoint: str = ""
     output_dir: str = "runs/default"
     seed: int = 0
     seq_length: int = 48  # prompt + response, fixed: the compiled graphs never see another length
@@ -141,6 +146,8 @@ class RunConfig:
 
     def __post_init__(self):
         _require(self.seq_length >= 8, "seq_length must be >= 8")
+        _require(not self.hf_checkpoint or os.path.isdir(self.hf_checkpoint),
+                 f"hf_checkpoint {self.hf_checkpoint!r} is not a directory")
 
     @property
     def model_config_path(self) -> str:

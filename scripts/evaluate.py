@@ -31,7 +31,7 @@ def main():
 
     cfg = load_config(args.config or os.path.join(args.run_dir, "config.yaml"), args.overrides)
     splits = load_splits(cfg.data)
-    tok = get_tokenizer(splits, os.path.join(args.run_dir, "tokenizer"), cfg.data)
+    tok = get_tokenizer(splits, os.path.join(args.run_dir, "tokenizer"), cfg)
     path = args.checkpoint or ckpt.latest_checkpoint(args.run_dir)
     if path is None:
         sys.exit(f"no checkpoint in {args.run_dir}/checkpoints")

@@ -26,14 +26,24 @@ def load_splits(dcfg: DataConfig) -> Splits:
     return splits
 
 
-def get_tokenizer(splits: Splits, tokenizer_dir: str, dcfg: DataConfig):
-    """The embedded default tokenizer: sentencepiece trained on the SFT prompt corpus with every SID
-    code as one user-defined symbol. Trained once per run directory and reused (SFT, RL and evaluation
-    must share ids)."""
-    from recast_ms.models.tokenizer import META_FILE, SentencePieceSIDTokenizer, load_tokenizer
+def get_tokenizer(splits: Splits, tokenizer_dir: str, cfg: RunConfig):
+    """The run's tokenizer, made once per run directory and reused (SFT, RL and evaluation share ids).
 
+    With ``cfg.hf_checkpoint``: the checkpoint's ``tokenizer.json`` with the SID codes added as special
+    tokens and a dedicated pad token (Qwen3's own pad is its EOS, which the model must not mask).
+    Otherwise the embedded default: sentencepiece trained on the SFT prompt corpus with every SID code
+    as one user-defined symbol.
+    """
+    from recast_ms.models.tokenizer import META_FILE, HFSIDTokenizer, SentencePieceSIDTokenizer, load_tokenizer
+
+    dcfg = cfg.data
     if os.path.exists(os.path.join(tokenizer_dir, META_FILE)):
         return load_tokenizer(tokenizer_dir)
+    if cfg.hf_checkpoint:
+        tok = HFSIDTokenizer.from_pretrained(cfg.hf_checkpoint, splits.codebook.code_tokens(),
+                                             pad_token=HFSIDTokenizer.DEFAULT_PAD)
+        tok.save(tokenizer_dir)
+        return tok
     tok = SentencePieceSIDTokenizer.train(
         prompt_corpus(splits.train, splits.codebook, dcfg.with_titles),
         splits.codebook.code_tokens(),
@@ -68,8 +78,20 @@ def quiet_stdout():
 
 
 def build_model(cfg: RunConfig, tokenizer, seed: int):
+    """The actor: MindFormers Qwen3 from ``cfg.model_config`` (random init), or from the HF checkpoint
+    ``cfg.hf_checkpoint`` with its vocabulary grown to the tokenizer's (new rows: mean + noise)."""
     from recast_ms.models.qwen3 import build_qwen3
 
+    if cfg.hf_checkpoint:
+        from tokenizers import Tokenizer
+
+        from recast_ms.models.weights import load_hf_qwen3
+
+        base = Tokenizer.from_file(os.path.join(cfg.hf_checkpoint, "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+        with quiet_stdout():
+            return load_hf_qwen3(cfg.hf_checkpoint, seq_length=cfg.seq_length, vocab_size=tokenizer.vocab_size,
+                                 pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id,
+                                 new_token_ids=range(base, tokenizer.vocab_size), init_seed=seed)
     with quiet_stdout():
         return build_qwen3(cfg.model_config_path, vocab_size=tokenizer.vocab_size, seq_length=cfg.seq_length,
                            pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id, seed=seed)
