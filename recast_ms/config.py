@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
+from typing import Any, Dict, List, Optional, Sequence, Tuple, get_args, get_origin, get_type_hints
 
 import yaml
 

@@ -21,7 +21,7 @@ GRPO normalises with the unbiased standard deviation (``ddof=1``), as verl's GRP
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from typing import Dict, List, Optional
 
 import numpy as np

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from typing import Dict, Optional
 
 import numpy as np
