@@ -21,7 +21,7 @@ GRPO normalises with the unbiased standard deviation (``ddof=1``), as verl's GRP
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -258,7 +258,6 @@ def gather_active_rows(rows: np.ndarray, anchor_rows: np.ndarray, signal: Recast
 
 # ----------------------------------------------------------------------------- registry
 
-AdvantageEstimator = Callable[..., RecastSignal]
 ESTIMATORS: Dict[str, Dict[str, bool]] = {
     "grpo": dict(repair=False, boundary=False),
     "repair_only": dict(repair=True, boundary=False),

@@ -7,7 +7,6 @@ import pytest
 ms = pytest.importorskip("mindspore")
 
 from recast_ms.config import load_config  # noqa: E402
-from recast_ms.data.batching import response_logps  # noqa: E402
 from recast_ms.trainer.rl import RLTrainer  # noqa: E402
 
 MICRO = os.path.join(os.path.dirname(__file__), "data", "qwen3_micro.yaml")

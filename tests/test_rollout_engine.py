@@ -1,5 +1,4 @@
 """Rollout engine on a toy bigram decoder: constraints, sampling distribution, exact beam search."""
-import itertools
 
 import numpy as np
 import pytest

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 import mindspore as ms
-from mindspore import nn, Tensor
+from mindspore import Tensor
 
 from qwen3_numpy_ref import hf_qwen3_logits, random_hf_weights, tiny_hf_config, write_hf_checkpoint
 from recast_ms.models.qwen3 import build_context, build_qwen3, right_pad

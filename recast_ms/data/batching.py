@@ -65,9 +65,3 @@ def pack(prompt_ids: np.ndarray, prompt_lens: np.ndarray, response_ids: np.ndarr
     loss_mask = np.zeros((B, seq_length - 1), np.float32)
     loss_mask[rows[live], cols[live] - 1] = 1.0
     return ids, loss_mask
-
-
-def response_logps(logps: np.ndarray, prompt_lens: np.ndarray, R: int) -> np.ndarray:
-    """Pick the ``[B, R]`` response log-probs out of ``[B, S-1]`` token log-probs."""
-    cols = prompt_lens[:, None] - 1 + np.arange(R)[None]
-    return np.take_along_axis(logps, np.minimum(cols, logps.shape[1] - 1), axis=1)

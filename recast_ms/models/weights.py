@@ -421,18 +421,26 @@ def hf_to_mindformers(tensors: HFTensors, config: Mapping, transformer_config, *
     return out
 
 
+def _check_names(source, wanted, available, strict: bool, missing_msg: str, unexpected_msg: str) -> None:
+    """Raise :class:`CheckpointError` naming (up to 8) wanted names absent from ``available`` and, when
+    ``strict``, available names nobody wants."""
+    def listed(names):
+        return ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+
+    missing = [name for name in wanted if name not in available]
+    if missing:
+        raise CheckpointError(f"{source}: {missing_msg}{listed(missing)}")
+    unexpected = [name for name in available if name not in wanted]
+    if unexpected and strict:
+        raise CheckpointError(f"{source}: {unexpected_msg}{listed(unexpected)}")
+
+
 def _set_parameters(model, arrays: Mapping[str, Tuple[np.ndarray, str]], source: str, *,
                     strict: bool = True) -> None:
     """Set every model parameter from ``arrays`` after checking names and shapes of all of them first."""
     params = named_parameters(model)
-    missing = [name for name in params if name not in arrays]
-    if missing:
-        raise CheckpointError(f"{source}: no tensor for model parameter(s) {', '.join(missing[:8])}"
-                              f"{' ...' if len(missing) > 8 else ''}")
-    unexpected = [name for name in arrays if name not in params]
-    if unexpected and strict:
-        raise CheckpointError(f"{source}: tensor(s) the model does not have: {', '.join(unexpected[:8])}"
-                              f"{' ...' if len(unexpected) > 8 else ''}")
+    _check_names(source, params, arrays, strict, "no tensor for model parameter(s) ",
+                 "tensor(s) the model does not have: ")
     for name, param in params.items():
         array, origin = arrays[name]
         if tuple(array.shape) != tuple(param.shape):
@@ -602,14 +610,8 @@ def load_checkpoint(params, path: PathLike, strict: bool = True) -> dict:
     :class:`CheckpointError` naming it and the file."""
     arrays, extra = read_checkpoint(path)
     named = _named_parameters(params)
-    missing = [name for name in named if name not in arrays]
-    if missing:
-        raise CheckpointError(f"{path}: tensor(s) missing from the checkpoint: {', '.join(missing[:8])}"
-                              f"{' ...' if len(missing) > 8 else ''}")
-    unexpected = [name for name in arrays if name not in named]
-    if unexpected and strict:
-        raise CheckpointError(f"{path}: tensor(s) the target does not have: {', '.join(unexpected[:8])}"
-                              f"{' ...' if len(unexpected) > 8 else ''}")
+    _check_names(path, named, arrays, strict, "tensor(s) missing from the checkpoint: ",
+                 "tensor(s) the target does not have: ")
     for name, param in named.items():
         if tuple(arrays[name].shape) != tuple(param.shape):
             raise CheckpointError(f"{path}: tensor {name!r} has shape {list(arrays[name].shape)}, the target needs "
