@@ -1,6 +1,5 @@
-"""Grid report: aggregate the cells of ``scripts/run_grid.py`` over seeds, from each cell's metrics.jsonl.
-
-Every number comes from a run's own log; nothing is recomputed or smoothed.
+"""Experiment grid: presets, the cell plan, and the report (aggregated over seeds from each cell's own
+``metrics.jsonl``; nothing is recomputed or smoothed). The runner is ``scripts/run_grid.py``.
 """
 from __future__ import annotations
 
@@ -14,8 +13,75 @@ import numpy as np
 from recast_ms.report import summarize_run
 from recast_ms.utils.tracking import read_jsonl
 
-KEYS = ("pass@1", "pass@32", "recall@32", "ndcg@10", "all_zero_ratio", "repair_trigger_ratio",
-        "naturally_trainable_ratio", "actor_tokens_per_step", "update_actor_s", "step_s")
+ALL_ESTIMATORS = ["grpo", "repair_only", "boundary_only", "recast", "recast_adaptive"]
+
+# A preset: SFT runs keyed "model@dataset" (a run YAML + overrides), RL overrides shared by every cell,
+# and blocks (one SFT key x estimators x seeds x group sizes). Cells shared by blocks run once.
+PRESETS = {
+    "quick": {
+        "sft": {"micro@synthetic": {"config": None, "overrides": [
+            "model_config=tests/data/qwen3_micro.yaml", "seq_length=32", "data.num_users=60", "sft.steps=10",
+            "sft.batch_size=8", "sft.warmup_steps=2", "sft.save_every=10", "sft.eval_every=10", "sft.log_every=5"]}},
+        "rl": ["rl.steps=3", "rl.prompts_per_step=4", "rl.eval_every=3", "rl.save_every=3", "rl.micro_batch_size=16",
+               "data.max_eval_prompts=8", "eval.batch_size=8"],
+        "blocks": [{"name": "main", "sft": "micro@synthetic", "estimators": ["grpo", "recast"], "seeds": [0, 1],
+                    "group_sizes": [4]}],
+    },
+    "full": {
+        "sft": {
+            "tiny@industrial": {"config": "model_configs/runs/sft_industrial.yaml", "overrides": ["sft.steps=1000"]},
+            "mini@industrial": {"config": "model_configs/runs/sft_industrial.yaml", "overrides": [
+                "model_config=model_configs/qwen3_mini.yaml", "sft.steps=800", "sft.eval_every=800"]},
+            "tiny@office": {"config": "model_configs/runs/sft_office.yaml", "overrides": ["sft.steps=600"]},
+        },
+        "rl": ["rl.steps=40", "rl.eval_every=10", "rl.save_every=10", "rl.prompts_per_step=8", "rl.lr=2e-4",
+               "rl.micro_batch_size=128", "data.max_eval_prompts=500"],
+        "blocks": [
+            {"name": "main", "sft": "tiny@industrial", "estimators": ALL_ESTIMATORS, "seeds": [0, 1, 2],
+             "group_sizes": [16]},
+            {"name": "group_size", "sft": "tiny@industrial", "estimators": ["grpo", "recast"], "seeds": [0],
+             "group_sizes": [8, 16, 32, 64]},
+            {"name": "weak_model", "sft": "mini@industrial", "estimators": ALL_ESTIMATORS, "seeds": [0, 1, 2],
+             "group_sizes": [16]},
+            {"name": "held_out", "sft": "tiny@office", "estimators": ["grpo", "recast"], "seeds": [0, 1, 2],
+             "group_sizes": [16]},
+        ],
+    },
+}
+
+
+def cell_name(sft_key: str, est: str, G: int, seed: int) -> str:
+    return f"{sft_key.replace('@', '-')}_{est}_G{G}_s{seed}"
+
+
+def _rl_steps(overrides: List[str], default: int = 30) -> int:
+    steps = [int(o.split("=", 1)[1]) for o in overrides if o.startswith("rl.steps=")]
+    return steps[-1] if steps else default
+
+
+def plan_cells(preset: dict, sft_dirs: Dict[str, str], out_dir: str, extra: List[str] = ()) -> Dict[str, dict]:
+    """name -> cell (sft key, estimator, G, seed, blocks, run dir, RL overrides), in block order."""
+    cells: Dict[str, dict] = {}
+    for block in preset["blocks"]:
+        for G in block["group_sizes"]:
+            for seed in block["seeds"]:
+                for est in block["estimators"]:
+                    name = cell_name(block["sft"], est, G, seed)
+                    if name in cells:
+                        cells[name]["blocks"].append(block["name"])
+                        continue
+                    model, dataset = block["sft"].split("@")
+                    ov = list(preset["rl"]) + [f"rl.estimator={est}", f"rl.group_size={G}", f"seed={seed}"]
+                    cells[name] = {"sft": block["sft"], "model": model, "dataset": dataset, "estimator": est,
+                                   "group_size": G, "seed": seed, "blocks": [block["name"]],
+                                   "sft_dir": sft_dirs[block["sft"]], "run_dir": os.path.join(out_dir, "cells", name),
+                                   "overrides": ov, "steps": _rl_steps(ov + list(extra))}
+    return cells
+
+
+def cell_done(run_dir: str, steps: int) -> bool:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    return os.path.exists(path) and any(r.get("step") == steps and "eval/pass@1" in r for r in read_jsonl(path))
 
 
 def matched_budget_ratio(recast_rows: List[dict], grpo_rows: List[dict]) -> Optional[float]:
@@ -42,7 +108,33 @@ def _curves(rows_by_seed: List[List[dict]], key: str):
     return steps, [float(np.mean([d[s] for d in per_seed])) for s in steps]
 
 
-def grid_report(cells: Dict[str, dict], out_dir: str) -> str:
+def _ms(vals, fmt="{:.4f}") -> str:
+    vals = [v for v in vals if v == v]
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return fmt.format(vals[0])
+    return f"{fmt.format(np.mean(vals))} ± {fmt.replace('+', '').format(np.std(vals))}"
+
+
+def _window(rows: List[dict], key: str, first: bool, n: int = 10) -> float:
+    vals = [r[key] for r in rows if key in r and "reward/mean" in r]
+    vals = vals[:n] if first else vals[-n:]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def _table(header: List[str], rows: List[List[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|---" * len(header) + "|"] +
+                     ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _fmt_ratio(x) -> str:
+    return "not reached" if x is None else ("baseline flat" if x != x else f"{x:.3f}")
+
+
+def grid_report(cells: Dict[str, dict], out_dir: str, preset: Optional[dict] = None,
+                sft_dirs: Optional[Dict[str, str]] = None) -> str:
+    """Writes ``report.md``, ``results.json`` and ``figures/*.png`` into ``out_dir``; returns the markdown."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,67 +143,176 @@ def grid_report(cells: Dict[str, dict], out_dir: str) -> str:
     for c in cells.values():
         c["summary"] = summarize_run(c["run_dir"])
         c["rows"] = read_jsonl(os.path.join(c["run_dir"], "metrics.jsonl"))
-    groups = defaultdict(list)  # (model, G, estimator) -> cells over seeds
+    groups = defaultdict(list)  # (sft key, G, estimator) -> cells over seeds
     for c in cells.values():
-        groups[(c["model"], c["group_size"], c["estimator"])].append(c)
+        groups[(c["sft"], c["group_size"], c["estimator"])].append(c)
+    for cs in groups.values():
+        cs.sort(key=lambda c: c["seed"])
+    est_order = {e: i for i, e in enumerate(ALL_ESTIMATORS)}
+    keys = sorted(groups, key=lambda k: (k[0], k[1], est_order.get(k[2], 99)))
 
-    agg = {}
-    for (model, G, est), cs in sorted(groups.items()):
-        agg[f"{model}|G{G}|{est}"] = {
-            k: {"mean": float(np.mean([c["summary"][k] for c in cs])), "std": float(np.std([c["summary"][k] for c in cs])),
-                "n": len(cs)} for k in KEYS}
+    def col(k, key):
+        return [c["summary"][key] for c in groups[k]]
+
+    agg = {f"{s}|G{G}|{e}": {key: {"mean": float(np.mean(col((s, G, e), key))), "std": float(np.std(col((s, G, e), key))),
+                                   "n": len(groups[(s, G, e)])} for key in groups[(s, G, e)][0]["summary"]}
+           for s, G, e in keys}
     budget = {}
-    for (model, G, est), cs in groups.items():
-        if est == "grpo":
-            continue
-        base = {c["seed"]: c for c in groups.get((model, G, "grpo"), [])}
-        ratios = [matched_budget_ratio(c["rows"], base[c["seed"]]["rows"]) for c in cs if c["seed"] in base]
-        budget[f"{model}|G{G}|{est}"] = ratios
+    for s, G, e in keys:
+        base = {c["seed"]: c for c in groups.get((s, G, "grpo"), [])}
+        if e != "grpo" and base:
+            budget[f"{s}|G{G}|{e}"] = [matched_budget_ratio(c["rows"], base[c["seed"]]["rows"])
+                                       for c in groups[(s, G, e)] if c["seed"] in base]
 
-    lines = ["| model | G | estimator | seeds | Pass@1 | Pass@32 | Recall@32 | NDCG@10 | all-zero | repair trigger | "
-             "naturally trainable | actor tokens/step | update_actor s | matched-budget ratio per seed |",
-             "|---" * 14 + "|"]
-    for key, a in agg.items():
-        model, G, est = key.split("|")
-        ms = lambda k, f="{:.4f}": f"{f.format(a[k]['mean'])} ± {f.format(a[k]['std'])}"
-        b = budget.get(key)
-        btxt = "-" if b is None else ", ".join(
-            "not reached" if x is None else ("baseline flat" if x != x else f"{x:.3f}") for x in b)
-        lines.append(f"| {model} | {G[1:]} | {est} | {a['pass@1']['n']} | {ms('pass@1')} | {ms('pass@32')} | "
-                     f"{ms('recall@32')} | {ms('ndcg@10')} | {ms('all_zero_ratio', '{:.3f}')} | "
-                     f"{ms('repair_trigger_ratio', '{:.3f}')} | {ms('naturally_trainable_ratio', '{:.3f}')} | "
-                     f"{a['actor_tokens_per_step']['mean']:.0f} | {ms('update_actor_s', '{:.3f}')} | {btxt} |")
-    table = "\n".join(lines)
+    blocks = (preset or {}).get("blocks") or [{"name": "main"}]
+    md = ["# Experiment grid report", "",
+          "Every number is read from a cell's own `metrics.jsonl` (config beside it in `cells/<name>/config.yaml`); "
+          "mean ± std (population) over the seeds listed. Pass@K/Recall@K/NDCG@K: beam search (constrained to the "
+          "catalogue) on the first `data.max_eval_prompts` test prompts; `SFT` is the step-0 evaluation of the "
+          "same checkpoint on the same prompts. Timings are medians over steps after the first (graph compile).", ""]
+    if sft_dirs:
+        md += ["SFT checkpoints: " + "; ".join(f"`{k}` = `{v}`" for k, v in sft_dirs.items()), ""]
 
+    # 1. quality table, one row per (SFT, G, estimator)
+    rows = []
+    for s, G, e in keys:
+        k = (s, G, e)
+        d = [c["summary"]["pass@1"] - c["summary"]["pass@1_start"] for c in groups[k]]
+        rows.append([s, str(G), e, ",".join(str(c["seed"]) for c in groups[k]),
+                     _ms(col(k, "pass@1_start")), _ms(col(k, "pass@1")), _ms(d, "{:+.4f}"), _ms(col(k, "pass@10")),
+                     _ms(col(k, "ndcg@10")), _ms(col(k, "pass@32")), _ms(col(k, "recall@32")),
+                     f"{np.mean(col(k, 'actor_tokens_per_step')):.0f}", _ms(col(k, "update_actor_s"), "{:.3f}"),
+                     ", ".join(_fmt_ratio(x) for x in budget.get(f"{s}|G{G}|{e}", [])) or "-"])
+    md += ["## Quality at equal rollout budget", "",
+           _table(["SFT", "G", "estimator", "seeds", "Pass@1 (SFT)", "Pass@1", "ΔPass@1", "Pass@10", "NDCG@10",
+                   "Pass@32", "Recall@32", "actor tokens/step", "update_actor s", "matched-budget ratio per seed"], rows),
+           "", "Matched-budget ratio: steps the estimator needs to reach GRPO's final Pass@1 (same seed), over "
+           "GRPO's steps (paper: 0.041 at 1.7B); `baseline flat` when GRPO ended no better than it started.", ""]
+    noise = []
+    for s in sorted({k[0] for k in keys}):
+        c = next(c for k in keys if k[0] == s for c in groups[k])
+        n = next((r["eval/num_prompts"] for r in c["rows"] if "eval/num_prompts" in r), 0)
+        p = c["summary"]["pass@1_start"]
+        if n:
+            noise.append(f"`{s}`: ±{np.sqrt(p * (1 - p) / n):.4f} (Pass@1 {p:.4f} on {int(n)} prompts)")
+    if noise:
+        md += ["Sampling error of one Pass@1 measurement (binomial standard error over the evaluation prompts; "
+               "differences well inside it are not evidence either way): " + "; ".join(noise) + ".", ""]
+
+    # 2. signal degeneracy and repair receding: first vs last 10 training steps
+    sig = [("signals/all_zero_group_ratio", "all-zero groups"), ("signals/single_hit_group_ratio", "single-hit groups"),
+           ("signals/zero_reward_sample_ratio", "zero-reward samples"),
+           ("signals/repair_trigger_ratio", "repair trigger"),
+           ("signals/naturally_trainable_ratio", "naturally trainable")]
+    rows = []
+    for s, G, e in keys:
+        rs = [c["rows"] for c in groups[(s, G, e)]]
+        rows.append([s, str(G), e] + [f"{np.mean([_window(r, key, True) for r in rs]):.3f} → "
+                                      f"{np.mean([_window(r, key, False) for r in rs]):.3f}" for key, _ in sig])
+    md += ["## Signal degeneracy over training (mean of the first 10 → last 10 steps)", "",
+           _table(["SFT", "G", "estimator"] + [t for _, t in sig], rows),
+           "", "Paper: all-zero groups 88% → 85% over GRPO training.", ""]
+
+    # 3. curves, one figure per (SFT, G)
     fig_dir = os.path.join(out_dir, "figures")
     os.makedirs(fig_dir, exist_ok=True)
     figs = []
-    for model, G in sorted({(m, g) for m, g, _ in groups}):
-        ests = sorted(e for m, g, e in groups if (m, g) == (model, G))
-        panels = [("eval/pass@1", "Pass@1"), ("signals/all_zero_group_ratio", "all-zero group ratio"),
-                  ("signals/repair_trigger_ratio", "repair trigger ratio"),
-                  ("signals/naturally_trainable_ratio", "naturally trainable ratio")]
+    panels = [("eval/pass@1", "Pass@1 (test)"), ("signals/all_zero_group_ratio", "all-zero group ratio"),
+              ("signals/repair_trigger_ratio", "repair trigger ratio"),
+              ("signals/naturally_trainable_ratio", "naturally trainable ratio")]
+    for s, G in sorted({(s, G) for s, G, _ in keys}):
+        ests = [e for s2, G2, e in keys if (s2, G2) == (s, G)]
         fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3))
         for ax, (key, title) in zip(axes, panels):
             for e in ests:
-                xs, ys = _curves([c["rows"] for c in groups[(model, G, e)]], key)
-                if xs:
+                xs, ys = _curves([c["rows"] for c in groups[(s, G, e)]], key)
+                if xs and not key.startswith("eval"):  # per-step ratios are noisy at P prompts: 5-step mean
+                    w = min(5, len(ys))
+                    ys = np.convolve(ys, np.ones(w) / w, mode="valid")
+                    xs = xs[w - 1:]
+                if len(xs):
                     ax.plot(xs, ys, marker="o" if key.startswith("eval") else None, ms=3, label=e)
-            ax.set_title(f"{title} ({model}, G={G})", fontsize=9)
+            ax.set_title(f"{title}\n{s}, G={G}" + ("" if key.startswith("eval") else " (5-step mean)"), fontsize=9)
             ax.set_xlabel("RL step")
             ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
+        axes[0].legend(fontsize=7)
         fig.tight_layout()
-        path = os.path.join(fig_dir, f"curves_{model}_G{G}.png")
+        path = os.path.join(fig_dir, f"curves_{s.replace('@', '-')}_G{G}.png")
         fig.savefig(path, dpi=100)
         plt.close(fig)
         figs.append(path)
+
+    # 4. ablation across SFT policies (model sizes): ΔPass@1 per estimator at each SFT's main G
+    by_sft = defaultdict(dict)
+    for s, G, e in keys:
+        if len(groups[(s, G, e)]) > 1 or len({g for s2, g, _ in keys if s2 == s}) == 1:
+            by_sft[s].setdefault(G, []).append(e)
+    ests_all = [e for e in ALL_ESTIMATORS if any(k[2] == e for k in keys)]
+    if len(by_sft) > 1:
+        rows = []
+        for s, gs in by_sft.items():
+            G = max(gs, key=lambda g: len(gs[g]))
+            start = col((s, G, gs[G][0]), "pass@1_start")
+            rows.append([s, str(G), _ms(start)] + [
+                _ms([c["summary"]["pass@1"] - c["summary"]["pass@1_start"] for c in groups[(s, G, e)]], "{:+.4f}")
+                if (s, G, e) in groups else "-" for e in ests_all])
+        md += ["## Ablation: ΔPass@1 over the SFT start, per policy strength", "",
+               _table(["SFT", "G", "Pass@1 (SFT)"] + ests_all, rows),
+               "", "Paper's regime shift: repair helps weak policies, the boundary contrast helps strong ones.", ""]
+
+    # 5. search width: estimators x G for SFTs with more than one G
+    for s in sorted({s for s, _, _ in keys}):
+        gs = sorted({G for s2, G, _ in keys if s2 == s})
+        if len(gs) < 2:
+            continue
+        ests = [e for e in ALL_ESTIMATORS if all((s, G, e) in groups for G in gs)]
+        rows = [[str(G), e, _ms(col((s, G, e), "pass@1")), _ms(col((s, G, e), "update_actor_s"), "{:.3f}"),
+                 f"{np.mean(col((s, G, e), 'actor_tokens_per_step')):.0f}", _ms(col((s, G, e), "step_s"), "{:.2f}")]
+                for G in gs for e in ests]
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.3))
+        for e in ests:
+            axes[0].plot(gs, [np.mean(col((s, G, e), "pass@1")) for G in gs], marker="o", label=e)
+            axes[1].plot(gs, [np.mean(col((s, G, e), "update_actor_s")) for G in gs], marker="o", label=e)
+        for ax, t in zip(axes, ["final Pass@1", "update_actor s / step"]):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(gs, [str(g) for g in gs])
+            ax.set_xlabel("group size G")
+            ax.set_title(f"{t} ({s})", fontsize=9)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(fig_dir, f"group_size_{s.replace('@', '-')}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        figs.append(path)
+        md += [f"## Search width ({s})", "",
+               _table(["G", "estimator", "final Pass@1", "update_actor s", "actor tokens/step", "step s"], rows), ""]
+        # 6. system table at the G nearest 32 (paper Table 4)
+        G = min(gs, key=lambda g: abs(g - 32))
+        if (s, G, "grpo") in groups and (s, G, "recast") in groups:
+            cols = [("step_s", "step s", "{:.3f}"), ("update_actor_s", "update_actor s", "{:.3f}"),
+                    ("old_log_prob_s", "old_log_prob s", "{:.4f}"), ("ref_s", "ref s", "{:.3f}"),
+                    ("rollout_s", "rollout s", "{:.3f}"), ("actor_tokens_per_step", "actor tokens", "{:.0f}"),
+                    ("rss_step_mb", "peak RSS MB", "{:.0f}")]
+            vals = {e: {k: float(np.mean(col((s, G, e), k))) for k, _, _ in cols} for e in ("grpo", "recast")}
+            for e in vals:
+                vals[e]["per_ktok"] = 1000 * vals[e]["update_actor_s"] / max(vals[e]["actor_tokens_per_step"], 1)
+            cols.append(("per_ktok", "update s per 1k actor tokens", "{:.4f}"))
+            rows = [[e] + [f.format(vals[e][k]) for k, _, f in cols] for e in ("grpo", "recast")]
+            rows.append(["GRPO / ReCast"] + [f"{vals['grpo'][k] / vals['recast'][k]:.2f}x"
+                                             if vals["recast"][k] > 0 else "-" for k, _, _ in cols])
+            md += [f"## System cost at G={G} ({s}; paper Table 4)", "",
+                   _table(["estimator"] + [t for _, t, _ in cols], rows), "",
+                   "old_log_prob is skipped (≈0 s) with `rl.ppo_epochs=1`: the sampling policy is the one being "
+                   "updated, so its log-probs come from the update's own forward. Peak RSS: the largest resident set "
+                   "sampled during a step, in the cell's own process.", ""]
+
+    md += [f"![{os.path.basename(p)}](figures/{os.path.basename(p)})" for p in figs]
+    report = "\n".join(md) + "\n"
     results = {"cells": {n: {k: v for k, v in c.items() if k != "rows"} for n, c in cells.items()},
-               "aggregate": agg, "matched_budget_ratio": budget, "figures": figs}
+               "aggregate": agg, "matched_budget_ratio": budget, "figures": figs, "blocks": blocks}
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    report = "# Grid report\n\nMean ± std over seeds; every figure from the cell's own metrics.jsonl.\n\n" + table + \
-        "\n\n" + "\n".join(f"![{os.path.basename(p)}](figures/{os.path.basename(p)})" for p in figs) + "\n"
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(report)
-    return table
+    return report

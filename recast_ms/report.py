@@ -33,12 +33,14 @@ def summarize_run(run_dir: str) -> Dict[str, float]:
         "steps": float(train[-1]["step"]),
         "pass@1_start": first["eval/pass@1"],
         "pass@1": last["eval/pass@1"],
+        "pass@10": last.get("eval/pass@10", float("nan")),
         "pass@32": last.get("eval/pass@32", float("nan")),
         "recall@32": last.get("eval/recall@32", float("nan")),
         "ndcg@10": last.get("eval/ndcg@10", float("nan")),
         "reward_mean": _mean(train, "reward/mean"),
         "all_zero_ratio": _mean(train, "signals/all_zero_group_ratio"),
         "single_hit_ratio": _mean(train, "signals/single_hit_group_ratio"),
+        "zero_reward_sample_ratio": _mean(train, "signals/zero_reward_sample_ratio"),
         "repair_trigger_ratio": _mean(train, "signals/repair_trigger_ratio"),
         "naturally_trainable_ratio": _mean(train, "signals/naturally_trainable_ratio"),
         "actor_rows_per_step": _mean(train, "actor/rows"),
@@ -47,6 +49,8 @@ def summarize_run(run_dir: str) -> Dict[str, float]:
         "update_actor_s": _median_after_first(train, "timing_s/update_actor"),
         "rollout_s": _median_after_first(train, "timing_s/rollout"),
         "ref_s": _median_after_first(train, "timing_s/ref"),
+        "old_log_prob_s": _median_after_first(train, "timing_s/old_log_prob"),
+        "rss_step_mb": max(r.get("perf/rss_peak_step_mb", 0.0) for r in train),
         "peak_rss_mb": max(r.get("perf/peak_rss_mb", 0.0) for r in train),
     }
     return out

@@ -1,16 +1,26 @@
 #!/usr/bin/env python
-"""Experiment grid: estimators x seeds x group size x model size, from a shared SFT checkpoint per
-model size; resumable; writes ``results.json``, ``report.md`` and PNG figures into ``--out``.
+"""Experiment grid: estimators x seeds x group size x model size (x dataset), from one shared SFT
+checkpoint per (model, dataset); resumable; writes ``results.json``, ``report.md`` and PNG figures
+into ``--out``.
 
     python scripts/run_grid.py --preset quick --out runs/grid_quick [key=value ...]
+    python scripts/run_grid.py --preset full --out runs/grid_full \\
+        [--sft tiny@industrial=runs/sft_industrial --sft tiny@office=runs/sft_office]
 
-Presets (``--preset``): ``quick`` (the micro test model, a handful of steps: minutes on 2 cores) and
-``full`` (the tiny Qwen3 on the synthetic default, 3 seeds, G in 8/16/32/64). Overrides apply to the
-base run config of every cell. A cell whose run has reached its last step is not rerun; a half-run
-cell resumes from its checkpoint; every cell's config is saved beside its metrics.
+Presets (``recast_ms/grid.py``): ``quick`` (the micro test model on the synthetic default: minutes on
+2 cores, run by CI) and ``full`` (real Amazon data: 5 estimators x 3 seeds on two model sizes, a
+group-size sweep, and the held-out Office_Products dataset). ``--sft KEY=DIR`` reuses a finished SFT
+run for that (model@dataset) instead of training one (its newest checkpoint is used as it is).
+``key=value`` overrides apply to every RL cell.
+
+Every cell runs in its own process (a crash stays in its cell, peak memory is the cell's own), logs
+to ``cells/<name>/stdout.log``, and keeps its ``config.yaml`` beside its ``metrics.jsonl``. A cell that
+reached its last step is skipped; a half-run one resumes from its checkpoint. Failed cells are listed
+at the end and make the exit status non-zero; the report covers the cells that finished.
 """
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -19,76 +29,96 @@ from recast_ms.cli import base_parser, setup_logging  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-PRESETS = {
-    "quick": {
-        "models": {"micro": os.path.join(ROOT, "tests", "data", "qwen3_micro.yaml")},
-        "estimators": ["grpo", "recast"],
-        "seeds": [0, 1],
-        "group_sizes": [4],
-        "base": ["seq_length=32", "data.num_users=60", "sft.steps=10", "sft.batch_size=8", "sft.warmup_steps=2",
-                 "sft.save_every=10", "sft.eval_every=10", "sft.log_every=5", "rl.steps=3", "rl.prompts_per_step=4",
-                 "rl.eval_every=3", "rl.save_every=3", "rl.micro_batch_size=16", "data.max_eval_prompts=8",
-                 "eval.batch_size=8"],
-    },
-    "full": {
-        "models": {"tiny": "model_configs/qwen3_tiny.yaml", "10m": "model_configs/qwen3_10m.yaml"},
-        "estimators": ["grpo", "repair_only", "boundary_only", "recast", "recast_adaptive"],
-        "seeds": [0, 1, 2],
-        "group_sizes": [8, 16, 32, 64],
-        "base": ["rl.steps=60", "rl.eval_every=10"],
-    },
-}
+
+def _run(cmd, log_path):
+    """Run one stage in its own process, its output appended to ``log_path``; returns (rc, seconds)."""
+    t0 = time.time()
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    return rc, time.time() - t0
 
 
-def cell_name(model, est, G, seed):
-    return f"{model}_{est}_G{G}_s{seed}"
+def _tail(path, n=15):
+    with open(path) as f:
+        return "".join(f.readlines()[-n:])
 
 
 def main():
     p = base_parser(__doc__)
+    from recast_ms.grid import PRESETS
+
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     p.add_argument("--out", required=True)
+    p.add_argument("--sft", action="append", default=[], metavar="MODEL@DATA=DIR",
+                   help="reuse a finished SFT run for one (model@dataset) of the preset")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from finished cells")
     args = p.parse_args()
     setup_logging()
-    import gc
-
-    from recast_ms.config import load_config
-    from recast_ms.grid import grid_report
+    from recast_ms.grid import cell_done, grid_report, plan_cells
     from recast_ms.trainer import checkpoint as ckpt
-    from recast_ms.trainer.rl import RLTrainer
-    from recast_ms.trainer.sft import run_sft
-    from recast_ms.utils.tracking import read_jsonl
 
     preset = PRESETS[args.preset]
+    reuse = {}
+    for item in args.sft:
+        key, _, path = item.partition("=")
+        if key not in preset["sft"] or not path:
+            sys.exit(f"--sft {item!r}: expected KEY=DIR with KEY one of {sorted(preset['sft'])}")
+        if ckpt.latest_checkpoint(path) is None:
+            sys.exit(f"--sft {item!r}: no checkpoint under {path}/checkpoints")
+        reuse[key] = os.path.abspath(path)
+    out = os.path.abspath(args.out)
+    os.makedirs(os.path.join(out, "cells"), exist_ok=True)
     t0 = time.time()
-    cells = {}
-    for model, model_yaml in preset["models"].items():
-        base = list(preset["base"]) + [f"model_config={model_yaml}"] + list(args.overrides)
-        sft_dir = os.path.join(args.out, f"sft_{model}")
-        run_sft(load_config(args.config, base), sft_dir)
-        init = ckpt.latest_checkpoint(sft_dir)
-        for G in preset["group_sizes"]:
-            for est in preset["estimators"]:
-                for seed in preset["seeds"]:
-                    name = cell_name(model, est, G, seed)
-                    rdir = os.path.join(args.out, "cells", name)
-                    cfg = load_config(args.config, base + [f"rl.estimator={est}", f"rl.group_size={G}", f"seed={seed}"])
-                    cells[name] = {"model": model, "estimator": est, "group_size": G, "seed": seed, "run_dir": rdir}
-                    mpath = os.path.join(rdir, "metrics.jsonl")
-                    if os.path.exists(mpath) and any(r.get("step") == cfg.rl.steps and "reward/mean" in r
-                                                     for r in read_jsonl(mpath)):
-                        print(f"[grid] {name}: done, skipped", flush=True)
-                        continue
-                    print(f"[grid] {name}", flush=True)
-                    trainer = RLTrainer(cfg, rdir, init, os.path.join(sft_dir, "tokenizer"))
-                    trainer.train(resume=True)
-                    del trainer
-                    gc.collect()
-    report = grid_report(cells, args.out)
-    print(report)
-    print(f"\n[grid] {len(cells)} cells, {time.time() - t0:.0f}s; report: {os.path.join(args.out, 'report.md')}")
-    with open(os.path.join(args.out, "preset.json"), "w") as f:
-        json.dump({"preset": args.preset, "overrides": args.overrides, **preset}, f, indent=1)
+    py = sys.executable
+
+    sft_dirs, timings = {}, {}
+    for key, spec in preset["sft"].items():
+        sdir = reuse.get(key) or os.path.join(out, "sft", key)
+        sft_dirs[key] = sdir
+        if key in reuse or args.report_only:
+            continue
+        os.makedirs(sdir, exist_ok=True)
+        cmd = [py, os.path.join(ROOT, "scripts", "sft.py"), "--run-dir", sdir]
+        cmd += ["--config", os.path.join(ROOT, spec["config"])] if spec.get("config") else []
+        print(f"[grid] SFT {key} -> {sdir}", flush=True)
+        rc, secs = _run(cmd + list(spec["overrides"]), os.path.join(sdir, "stdout.log"))
+        timings[f"sft/{key}"] = secs
+        if rc != 0:
+            sys.exit(f"[grid] SFT {key} failed (exit {rc}); last lines of {sdir}/stdout.log:\n"
+                     + _tail(os.path.join(sdir, "stdout.log")))
+
+    cells = plan_cells(preset, sft_dirs, out, args.overrides)
+    failed = []
+    for i, (name, c) in enumerate(cells.items(), 1):
+        if args.report_only or cell_done(c["run_dir"], c["steps"]):
+            print(f"[grid] {i}/{len(cells)} {name}: done, skipped", flush=True)
+            continue
+        os.makedirs(c["run_dir"], exist_ok=True)
+        cmd = [py, os.path.join(ROOT, "scripts", "train_rl.py"), "--init", c["sft_dir"], "--run-dir", c["run_dir"]]
+        cmd += c["overrides"] + list(args.overrides)
+        print(f"[grid] {i}/{len(cells)} {name} ...", end=" ", flush=True)
+        rc, secs = _run(cmd, os.path.join(c["run_dir"], "stdout.log"))
+        timings[f"cell/{name}"] = secs
+        print(f"{'ok' if rc == 0 else f'FAILED (exit {rc})'} in {secs:.0f}s "
+              f"(grid {(time.time() - t0) / 60:.1f} min)", flush=True)
+        if rc != 0:
+            failed.append(name)
+            print(_tail(os.path.join(c["run_dir"], "stdout.log")), file=sys.stderr)
+
+    finished = {n: c for n, c in cells.items() if cell_done(c["run_dir"], c["steps"])}
+    with open(os.path.join(out, "timings.json"), "a") as f:  # appended per invocation: resumed grids add up
+        f.write(json.dumps({"preset": args.preset, "wall_s": time.time() - t0, **timings}) + "\n")
+    if finished:
+        report = grid_report(finished, out, preset, sft_dirs)
+        print(report)
+    print(f"\n[grid] {len(finished)}/{len(cells)} cells finished, this invocation {time.time() - t0:.0f}s; "
+          f"report: {os.path.join(out, 'report.md')}")
+    with open(os.path.join(out, "preset.json"), "w") as f:
+        json.dump({"preset": args.preset, "overrides": args.overrides, "sft_dirs": sft_dirs, **preset}, f, indent=1)
+    if failed:
+        sys.exit(f"[grid] failed cells: {', '.join(failed)} (see cells/<name>/stdout.log); rerun to resume them")
 
 
 if __name__ == "__main__":

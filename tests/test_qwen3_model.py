@@ -252,7 +252,7 @@ def test_published_size_yaml_builds_its_config(name):
     assert cpu.tensor_model_parallel_size == 1 and cpu.pipeline_model_parallel_size == 1 and not cpu.recompute
 
 
-@pytest.mark.parametrize("name, low, high", [("qwen3_tiny", 1e6, 4e6), ("qwen3_10m", 8e6, 12e6)])
+@pytest.mark.parametrize("name, low, high", [("qwen3_mini", 2e5, 1e6), ("qwen3_tiny", 1e6, 4e6), ("qwen3_10m", 8e6, 12e6)])
 def test_cpu_yaml_builds_model(name, low, high):
     build_context("CPU")
     raw = load_model_yaml(f"{name}.yaml")
@@ -266,7 +266,7 @@ def test_cpu_yaml_builds_model(name, low, high):
 
 def test_every_yaml_is_covered():
     names = {path.stem for path in Path(MODEL_CONFIG_DIR).glob("*.yaml")}
-    assert names == set(PUBLISHED) | {"qwen3_tiny", "qwen3_10m"}
+    assert names == set(PUBLISHED) | {"qwen3_mini", "qwen3_tiny", "qwen3_10m"}
 
 
 def test_yaml_validation_errors():
