@@ -53,7 +53,8 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--sft", action="append", default=[], metavar="MODEL@DATA=DIR",
                    help="reuse a finished SFT run for one (model@dataset) of the preset")
-    p.add_argument("--report-only", action="store_true", help="rebuild the report from finished cells")
+    p.add_argument("--report-only", action="store_true",
+                   help="rebuild the report from the finished cells under --out (runs nothing)")
     args = p.parse_args()
     setup_logging()
     from recast_ms.grid import cell_done, grid_report, plan_cells
@@ -74,6 +75,10 @@ def main():
     py = sys.executable
 
     sft_dirs, timings = {}, {}
+    saved = os.path.join(out, "preset.json")
+    if args.report_only and not reuse and os.path.exists(saved):  # name the SFT runs the grid really used
+        with open(saved) as f:
+            reuse = {k: v for k, v in json.load(f).get("sft_dirs", {}).items() if k in preset["sft"]}
     for key, spec in preset["sft"].items():
         sdir = reuse.get(key) or os.path.join(out, "sft", key)
         sft_dirs[key] = sdir
@@ -108,8 +113,9 @@ def main():
             print(_tail(os.path.join(c["run_dir"], "stdout.log")), file=sys.stderr)
 
     finished = {n: c for n, c in cells.items() if cell_done(c["run_dir"], c["steps"])}
-    with open(os.path.join(out, "timings.json"), "a") as f:  # appended per invocation: resumed grids add up
-        f.write(json.dumps({"preset": args.preset, "wall_s": time.time() - t0, **timings}) + "\n")
+    if not args.report_only:
+        with open(os.path.join(out, "timings.json"), "a") as f:  # one line per invocation: resumed grids add up
+            f.write(json.dumps({"preset": args.preset, "wall_s": time.time() - t0, **timings}) + "\n")
     if finished:
         report = grid_report(finished, out, preset, sft_dirs)
         print(report)

@@ -43,6 +43,10 @@ def test_quick_grid_runs_resumes_and_reports(tmp_path):
         assert "rl.estimator=" + cell["estimator"] in (tmp_path / cell["run_dir"] / "stdout.log").read_text()
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), timeout=900)
     assert again.returncode == 0 and again.stdout.count("done, skipped") == 4  # a finished grid is not rerun
+    (out / "report.md").unlink()
+    rebuilt = subprocess.run(cmd + ["--report-only"], capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
+    assert rebuilt.returncode == 0 and (out / "report.md").read_text() == report  # from the logs alone
+    assert len((out / "timings.json").read_text().splitlines()) == 2  # one line per invocation that ran
 
 
 def test_grid_rejects_unknown_sft_key(tmp_path):
@@ -59,7 +63,7 @@ def test_full_preset_plan():
     cells = plan_cells(preset, {k: f"/sft/{k}" for k in preset["sft"]}, "/out")
     # shared cells run once: the G=16 seed-0 grpo/recast cells belong to the main and the group-size blocks
     assert cells["tiny-industrial_recast_G16_s0"]["blocks"] == ["main", "group_size"]
-    assert len(cells) == 15 + 6 + 15 + 6
+    assert len(cells) == 15 + 4 + 6 + 15 + 6
     assert {c["estimator"] for c in cells.values()} == {"grpo", "repair_only", "boundary_only", "recast",
                                                         "recast_adaptive"}
     assert all(os.path.exists(os.path.join(ROOT, s["config"])) for s in preset["sft"].values())
