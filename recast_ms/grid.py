@@ -138,6 +138,15 @@ def _fmt_ratio(x) -> str:
     return "not reached" if x is None else ("baseline flat" if x != x else f"{x:.3f}")
 
 
+def _save(fig, path: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def grid_report(cells: Dict[str, dict], out_dir: str, preset: Optional[dict] = None,
                 sft_dirs: Optional[Dict[str, str]] = None) -> str:
     """Writes ``report.md``, ``results.json`` and ``figures/*.png`` into ``out_dir``; returns the markdown."""
@@ -246,11 +255,7 @@ def grid_report(cells: Dict[str, dict], out_dir: str, preset: Optional[dict] = N
             ax.set_xlabel("RL step")
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        path = os.path.join(fig_dir, f"curves_{s.replace('@', '-')}_G{G}.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        figs.append(path)
+        figs.append(_save(fig, os.path.join(fig_dir, f"curves_{s.replace('@', '-')}_G{G}.png")))
 
     # 4. ablation across SFT policies (model sizes): ΔPass@1 per estimator at each SFT's main G
     by_sft = defaultdict(dict)
@@ -290,11 +295,7 @@ def grid_report(cells: Dict[str, dict], out_dir: str, preset: Optional[dict] = N
             ax.set_title(f"{t} ({s})", fontsize=9)
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(fig_dir, f"group_size_{s.replace('@', '-')}.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        figs.append(path)
+        figs.append(_save(fig, os.path.join(fig_dir, f"group_size_{s.replace('@', '-')}.png")))
         md += [f"## Search width ({s})", "",
                _table(["G", "estimator", "final Pass@1", "update_actor s", "actor tokens/step", "step s"], rows), ""]
         # 6. system table at the G nearest 32 (paper Table 4)
