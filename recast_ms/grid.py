@@ -33,6 +33,10 @@ PRESETS = {
             "mini@industrial": {"config": "model_configs/runs/sft_industrial.yaml", "overrides": [
                 "model_config=model_configs/qwen3_mini.yaml", "sft.steps=800", "sft.eval_every=800"]},
             "tiny@office": {"config": "model_configs/runs/sft_office.yaml", "overrides": ["sft.steps=600"]},
+            # the same tiny model stopped early: a weak policy for the paper's regime-shift question
+            # (the mini model's SFT turned out as strong as the tiny one's by Pass@1)
+            "tiny_early@industrial": {"config": "model_configs/runs/sft_industrial.yaml", "overrides": [
+                "sft.steps=150", "sft.warmup_steps=20", "sft.eval_every=150", "sft.save_every=150"]},
         },
         "rl": ["rl.steps=40", "rl.eval_every=10", "rl.save_every=10", "rl.prompts_per_step=8", "rl.lr=2e-4",
                "rl.micro_batch_size=128", "data.max_eval_prompts=500"],
@@ -46,6 +50,8 @@ PRESETS = {
              "group_sizes": [8, 16, 32, 64]},
             {"name": "weak_model", "sft": "mini@industrial", "estimators": ALL_ESTIMATORS, "seeds": [0, 1, 2],
              "group_sizes": [16]},
+            {"name": "weak_policy", "sft": "tiny_early@industrial",
+             "estimators": ["grpo", "repair_only", "boundary_only", "recast"], "seeds": [0], "group_sizes": [16]},
             {"name": "held_out", "sft": "tiny@office", "estimators": ["grpo", "recast"], "seeds": [0, 1, 2],
              "group_sizes": [16]},
         ],

@@ -63,7 +63,7 @@ def test_full_preset_plan():
     cells = plan_cells(preset, {k: f"/sft/{k}" for k in preset["sft"]}, "/out")
     # shared cells run once: the G=16 seed-0 grpo/recast cells belong to the main and the group-size blocks
     assert cells["tiny-industrial_recast_G16_s0"]["blocks"] == ["main", "group_size"]
-    assert len(cells) == 15 + 4 + 6 + 15 + 6
+    assert len(cells) == 15 + 4 + 6 + 15 + 4 + 6
     assert {c["estimator"] for c in cells.values()} == {"grpo", "repair_only", "boundary_only", "recast",
                                                         "recast_adaptive"}
     assert all(os.path.exists(os.path.join(ROOT, s["config"])) for s in preset["sft"].values())

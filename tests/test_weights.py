@@ -309,3 +309,26 @@ def test_ckpt_errors_name_tensor_and_file(tied_model, tmp_path):
         np.testing.assert_array_equal(value, before[name], err_msg=name)
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tied_model, tmp_path / "absent.ckpt")
+
+
+def test_training_state_restore_checks_everything_first(tied_model):
+    """trainer.checkpoint.restore_model (resume, RL init, evaluation) shares the checks of load_checkpoint."""
+    from recast_ms.trainer.checkpoint import restore_model
+
+    before = _params(tied_model)
+    state = {"model/" + n: v for n, v in before.items()}
+    state["optim/adam_m.x"] = np.zeros(2, np.float32)  # other prefixes are not the model's business
+    name = "decoder.layers.1.mlp.linear_fc2.weight"
+    missing = {k: v for k, v in state.items() if k != "model/" + name}
+    with pytest.raises(CheckpointError, match=rf"step_7: no tensor for model parameter\(s\) {name}"):
+        restore_model(tied_model, {k: v + 1 if k.startswith("model/") else v for k, v in missing.items()}, path="step_7")
+    with pytest.raises(CheckpointError, match=rf"step_7: tensor for '{name}' has shape \[3\]"):
+        restore_model(tied_model, {**state, "model/" + name: np.zeros(3, np.float32)}, path="step_7")
+    with pytest.raises(CheckpointError, match="head2.weight"):
+        restore_model(tied_model, {**state, "model/head2.weight": np.zeros(3, np.float32)}, path="step_7")
+    for n, value in _params(tied_model).items():  # the failed restores set nothing, not even the +1 weights
+        np.testing.assert_array_equal(value, before[n], err_msg=n)
+    restore_model(tied_model, {k: v * 2 if k.startswith("model/") else v for k, v in state.items()})
+    for n, value in _params(tied_model).items():
+        np.testing.assert_array_equal(value, before[n] * 2, err_msg=n)
+    restore_model(tied_model, state)

@@ -435,9 +435,11 @@ def _check_names(source, wanted, available, strict: bool, missing_msg: str, unex
         raise CheckpointError(f"{source}: {unexpected_msg}{listed(unexpected)}")
 
 
-def _set_parameters(model, arrays: Mapping[str, Tuple[np.ndarray, str]], source: str, *,
+def set_parameters(model, arrays: Mapping[str, Tuple[np.ndarray, str]], source: str, *,
                     strict: bool = True) -> None:
-    """Set every model parameter from ``arrays`` after checking names and shapes of all of them first."""
+    """Set every model parameter from ``arrays`` (``{name: (array, origin)}``, origin naming the file the
+    array came from, or ``""``) after checking names and shapes of all of them first: a failed load
+    changes nothing."""
     params = named_parameters(model)
     _check_names(source, params, arrays, strict, "no tensor for model parameter(s) ",
                  "tensor(s) the model does not have: ")
@@ -475,7 +477,7 @@ def load_hf_weights(model, hf_dir: PathLike, *, new_token_ids: Optional[Iterable
                               f"{'tied' if model_tied else 'untied'}")
     arrays = hf_to_mindformers(tensors, config, transformer_config, prefix=prefix, vocab_size=vocab_size,
                                new_token_ids=new_token_ids, seed=seed, noise_scale=noise_scale)
-    _set_parameters(model, arrays, str(hf_dir))
+    set_parameters(model, arrays, str(hf_dir))
 
 
 def load_hf_qwen3(hf_dir: PathLike, *, seq_length: int, vocab_size: Optional[int] = None,

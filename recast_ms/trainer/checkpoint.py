@@ -76,17 +76,12 @@ def model_tensors(model, prefix: str = "model/") -> Dict[str, np.ndarray]:
 
 
 def restore_model(model, tensors: Dict[str, np.ndarray], prefix: str = "model/", path: str = "checkpoint") -> None:
-    """Load ``tensors`` into ``model``; a missing or mis-shaped tensor is an error that names it."""
-    import mindspore as ms
+    """Load the ``prefix``-ed weights of a training state into ``model``. Every name and shape is checked
+    before anything is set; a mismatch raises ``weights.CheckpointError`` naming ``path`` and the tensor."""
+    from recast_ms.models.weights import set_parameters
 
-    for p in model.get_parameters():
-        key = prefix + p.name
-        if key not in tensors:
-            raise KeyError(f"{path}: no tensor {p.name!r} for the model")
-        value = tensors[key]
-        if tuple(value.shape) != tuple(p.shape):
-            raise ValueError(f"{path}: tensor {p.name!r} has shape {tuple(value.shape)}, the model needs {tuple(p.shape)}")
-        p.set_data(ms.Tensor(value, p.dtype))
+    arrays = {k[len(prefix):]: (v, "") for k, v in tensors.items() if k.startswith(prefix)}
+    set_parameters(model, arrays, path, strict=True)
 
 
 def rng_state(rng: np.random.Generator) -> dict:
