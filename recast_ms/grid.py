@@ -273,13 +273,19 @@ def grid_report(cells: Dict[str, dict], out_dir: str, preset: Optional[dict] = N
         rows = []
         for s, gs in by_sft.items():
             G = max(gs, key=lambda g: len(gs[g]))
-            start = col((s, G, gs[G][0]), "pass@1_start")
-            rows.append([s, str(G), _ms(start)] + [
-                _ms([c["summary"]["pass@1"] - c["summary"]["pass@1_start"] for c in groups[(s, G, e)]], "{:+.4f}")
+            ref = groups[(s, G, gs[G][0])]
+            all_zero = np.mean([_window(c["rows"], "signals/all_zero_group_ratio", True)
+                                for e in gs[G] for c in groups[(s, G, e)]])
+            rows.append([s, str(G), _ms([c["summary"]["pass@1_start"] for c in ref]),
+                         _ms([c["summary"]["pass@10_start"] for c in ref]), f"{all_zero:.3f}"] + [
+                "{} / {}".format(*(_ms([c["summary"][m] - c["summary"][m + "_start"] for c in groups[(s, G, e)]],
+                                       "{:+.4f}") for m in ("pass@1", "pass@10")))
                 if (s, G, e) in groups else "-" for e in ests_all])
-        md += ["## Ablation: ΔPass@1 over the SFT start, per policy strength", "",
-               _table(["SFT", "G", "Pass@1 (SFT)"] + ests_all, rows),
-               "", "Paper's regime shift: repair helps weak policies, the boundary contrast helps strong ones.", ""]
+        md += ["## Ablation: ΔPass@1 / ΔPass@10 over the SFT start, per SFT policy", "",
+               _table(["SFT", "G", "Pass@1 (SFT)", "Pass@10 (SFT)", "all-zero groups (first 10 steps)"] + ests_all,
+                      rows),
+               "", "Paper's regime shift: repair helps weak policies, the boundary contrast helps strong ones. "
+               "Policy strength shows in the SFT metrics and in how many groups start without a hit.", ""]
 
     # 5. search width: estimators x G for SFTs with more than one G
     for s in dict.fromkeys(s for s, _, _ in keys):

@@ -32,6 +32,7 @@ def summarize_run(run_dir: str) -> Dict[str, float]:
     out = {
         "steps": float(train[-1]["step"]),
         "pass@1_start": first["eval/pass@1"],
+        "pass@10_start": first.get("eval/pass@10", float("nan")),
         "pass@1": last["eval/pass@1"],
         "pass@10": last.get("eval/pass@10", float("nan")),
         "pass@32": last.get("eval/pass@32", float("nan")),

@@ -73,7 +73,7 @@ def _fake_cell(tmp_path, sft, est, G, seed, p1_end, tokens, update_s, all_zero=(
     """A cell directory with a metrics.jsonl shaped like the trainer's: evals at 0/10/20, 20 train steps."""
     d = tmp_path / f"{sft}_{est}_{G}_{seed}"
     d.mkdir()
-    rows = [{"step": 0, "eval/pass@1": 0.05, "eval/num_prompts": 500.0}]
+    rows = [{"step": 0, "eval/pass@1": 0.05, "eval/pass@10": 0.1, "eval/num_prompts": 500.0}]
     for s in range(1, 21):
         r = {"step": s, "reward/mean": 0.01, "signals/all_zero_group_ratio": all_zero[0] if s <= 10 else all_zero[1],
              "signals/single_hit_group_ratio": 0.1, "signals/zero_reward_sample_ratio": 0.99,
@@ -113,7 +113,9 @@ def test_report_sections_from_logged_numbers(tmp_path):
     # recast reaches grpo's final 0.07 only in seed 1 (0.08 at step 20 of grpo's 20)
     assert "| big@d | 16 | recast |" in md and "not reached, 1.000 |" in md
     assert "| big@d | 16 | grpo | 0.900 → 0.800 |" in md  # first-10 / last-10 step means
-    assert "## Ablation" in md and "| small@d | 16 | 0.0500 ± 0.0000 | +0.0200 ± 0.0000 | +0.0200 ± 0.0100 |" in md
+    assert "## Ablation" in md
+    assert "| small@d | 16 | 0.0500 ± 0.0000 | 0.1000 ± 0.0000 | 0.900 | +0.0200 ± 0.0000 / +0.0000 ± 0.0000 | " \
+           "+0.0200 ± 0.0100 / +0.0000 ± 0.0000 |" in md
     assert "## Search width (big@d)" in md
     # system table at G=32: 2048 vs 128 actor tokens, update 3.2 s vs 0.25 s
     sys_rows = md.split("## System cost at G=32")[1]
