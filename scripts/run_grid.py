@@ -57,6 +57,7 @@ def main():
                    help="rebuild the report from the finished cells under --out (runs nothing)")
     args = p.parse_args()
     setup_logging()
+    from recast_ms.config import load_config
     from recast_ms.grid import cell_done, grid_report, plan_cells
     from recast_ms.trainer import checkpoint as ckpt
 
@@ -84,9 +85,16 @@ def main():
         sft_dirs[key] = sdir
         if key in reuse or args.report_only:
             continue
+        config = [os.path.join(ROOT, spec["config"])] if spec.get("config") else []
+        last = ckpt.latest_checkpoint(sdir)
+        # a finished SFT is not restarted: a process start + data load per grid invocation for nothing
+        if last and int(os.path.basename(last).split("_")[-1]) >= load_config(*config or [None],
+                                                                               spec["overrides"]).sft.steps:
+            print(f"[grid] SFT {key}: finished before, not restarted", flush=True)
+            continue
         os.makedirs(sdir, exist_ok=True)
         cmd = [py, os.path.join(ROOT, "scripts", "sft.py"), "--run-dir", sdir]
-        cmd += ["--config", os.path.join(ROOT, spec["config"])] if spec.get("config") else []
+        cmd += ["--config", config[0]] if config else []
         print(f"[grid] SFT {key} -> {sdir}", flush=True)
         rc, secs = _run(cmd + list(spec["overrides"]), os.path.join(sdir, "stdout.log"))
         timings[f"sft/{key}"] = secs

@@ -43,6 +43,7 @@ def test_quick_grid_runs_resumes_and_reports(tmp_path):
         assert "rl.estimator=" + cell["estimator"] in (tmp_path / cell["run_dir"] / "stdout.log").read_text()
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), timeout=900)
     assert again.returncode == 0 and again.stdout.count("done, skipped") == 4  # a finished grid is not rerun
+    assert "SFT micro@synthetic: finished before, not restarted" in again.stdout
     (out / "report.md").unlink()
     rebuilt = subprocess.run(cmd + ["--report-only"], capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
     assert rebuilt.returncode == 0 and (out / "report.md").read_text() == report  # from the logs alone
