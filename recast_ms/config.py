@@ -139,6 +139,9 @@ class RunConfig:
     output_dir: str = "runs/default"
     seed: int = 0
     seq_length: int = 48  # prompt + response, fixed: the compiled graphs never see another length
+    # embedding rows of the model; 0 = the tokenizer's vocabulary size. Larger pads the vocabulary, as real
+    # Qwen3 does (151,936 rows for 151,669 tokens); used by scripts/bench_scale.py for the real 0.6B shape
+    vocab_size: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rl: RLConfig = field(default_factory=RLConfig)
@@ -146,6 +149,7 @@ class RunConfig:
 
     def __post_init__(self):
         _require(self.seq_length >= 8, "seq_length must be >= 8")
+        _require(self.vocab_size >= 0, "vocab_size must be >= 0 (0: the tokenizer's vocabulary size)")
         _require(not self.hf_checkpoint or os.path.isdir(self.hf_checkpoint),
                  f"hf_checkpoint {self.hf_checkpoint!r} is not a directory")
 

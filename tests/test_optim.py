@@ -61,6 +61,31 @@ def test_adamw_matches_torch_formula(micro, clip):
     np.testing.assert_allclose(net.b.asnumpy(), B, atol=2e-5)
 
 
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_fused_step_equals_accumulate_then_step(clip):
+    """One micro-batch per step: the fused graph (no gradient buffers) gives the same weights and norms."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    rng = np.random.default_rng(1)
+    x = ms.Tensor(rng.normal(size=(6, 3)).astype(np.float32))
+    y = ms.Tensor(rng.normal(size=(6, 4)).astype(np.float32))
+    nets, norms = [], []
+    for fused in (False, True):
+        net = Lin()
+        opt = Optimizer(net, net.trainable_params(), lr=0.1, weight_decay=0.1, grad_clip=clip, name=f"f{fused}",
+                        fused=fused)
+        assert (opt.buffers is None) == fused
+        norms.append([opt.train_step([(x, y)], 0.1)[1] for _ in range(4)])
+        nets.append(net)
+    np.testing.assert_allclose(norms[0], norms[1], rtol=1e-6)
+    np.testing.assert_allclose(nets[0].w.asnumpy(), nets[1].w.asnumpy(), atol=1e-7)
+    W, _ = _numpy_adamw(x.asnumpy(), y.asnumpy(), 4, 0.1, 0.1, 1, clip)
+    np.testing.assert_allclose(nets[1].w.asnumpy(), W, atol=2e-5)
+    with pytest.raises(RuntimeError, match="fused"):
+        opt.accumulate(x, y)
+    with pytest.raises(ValueError, match="exactly one micro-batch"):
+        opt.train_step([(x, y), (x, y)], 0.1)
+
+
 def test_state_dict_round_trip_resumes_exactly():
     ms.set_context(mode=ms.GRAPH_MODE)
     rng = np.random.default_rng(1)

@@ -30,7 +30,7 @@ def _trainer(tmp_path, name, **over):
 
 def _seq_logps(trainer, batch):
     """Summed response log-prob of each actor row, under the current actor."""
-    lp = trainer.actor_logps_fn(ms.Tensor(batch["input_ids"])).asnumpy()  # [B, S-1]
+    lp = trainer.actor_logps_fn(ms.Tensor(batch["input_ids"]), ms.Tensor(batch["resp_start"])).asnumpy()  # [B, R]
     return (lp * batch["loss_mask"]).sum(1)
 
 
@@ -50,7 +50,8 @@ def test_recast_step_raises_positive_and_lowers_hardest_negative(tmp_path):
     # repaired groups put the ground-truth anchor on the positive row
     anchors = tr.rl_anchors[batch["prompt_index"]]
     for p in np.nonzero(batch["repaired"])[0]:
-        resp = batch["input_ids"][2 * p][1:][batch["loss_mask"][2 * p] > 0]  # the mask is shifted by one
+        start = batch["resp_start"][2 * p]
+        resp = batch["input_ids"][2 * p][start : start + tr.R][batch["loss_mask"][2 * p] > 0]
         np.testing.assert_array_equal(resp, anchors[p][anchors[p] != tr.tok.pad_id][: len(resp)])
 
 

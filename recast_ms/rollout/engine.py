@@ -71,6 +71,15 @@ class SIDConstraint:
         return np.stack([self._row(tuple(codes[i].tolist())) for i in range(n)])
 
 
+def _fit(mask: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """A ``[N, V_tok]`` constraint mask widened to ``[N, V_model]`` logits: a model may have more embedding rows
+    than its tokenizer has tokens (Qwen3: 151,936 rows, 151,669 tokens); rows past the tokenizer are never allowed."""
+    extra = logits.shape[1] - mask.shape[1]
+    if extra < 0:
+        raise ValueError(f"constraint mask has {mask.shape[1]} columns, the model's logits only {logits.shape[1]}")
+    return np.pad(mask, ((0, 0), (0, extra))) if extra else mask
+
+
 def _top_k_top_p(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
     if top_k and top_k < logits.shape[1]:
         kth = np.partition(logits, -top_k, axis=1)[:, -top_k][:, None]
@@ -136,7 +145,7 @@ def sample_groups(
     for t in range(max_new_tokens):
         lg = logits.astype(np.float64) / temperature
         if constraint is not None:
-            lg = np.where(constraint.mask(t, out[:, :t]), lg, NEG_INF)
+            lg = np.where(_fit(constraint.mask(t, out[:, :t]), lg), lg, NEG_INF)
         lg = _top_k_top_p(lg, top_k, top_p)
         probs = _softmax(lg)
         u = rng.random(N)[:, None]
@@ -179,7 +188,7 @@ def beam_search(
     for t in range(max_new_tokens):
         lp = _log_softmax(logits.astype(np.float64))  # [P*K, V]
         if constraint is not None:
-            lp = np.where(constraint.mask(t, seqs[:, :t]), lp, NEG_INF)
+            lp = np.where(_fit(constraint.mask(t, seqs[:, :t]), lp), lp, NEG_INF)
         # a finished beam continues only with pad at zero cost
         lp = np.where(done[:, None], NEG_INF, lp)
         lp[done, pad_id] = 0.0

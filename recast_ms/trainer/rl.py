@@ -38,23 +38,23 @@ logger = logging.getLogger(__name__)
 BOUNDARY_ESTIMATORS = ("recast", "boundary_only", "recast_adaptive")
 
 
-def _rl_loss_cell(model, rcfg, on_policy: bool):
+def _rl_loss_cell(model, rcfg, response_len: int, on_policy: bool):
     from mindspore import nn, ops
 
-    from recast_ms.models.policy import TokenLogProbs
+    from recast_ms.models.policy import ResponseLogProbs
     from recast_ms.trainer.loss import PolicyLoss
 
     class RLLoss(nn.Cell):
-        """Inputs: ``input_ids [B, S]``, ``old_logps / ref_logps / loss_mask [B, S-1]``, ``advantages [B]``,
-        ``num_seqs`` scalar. Outputs ``(loss, pg_loss, kl, clip_frac)``."""
+        """Inputs: ``input_ids [B, S]``, ``resp_start [B]``, ``old_logps / ref_logps / loss_mask [B, R]``,
+        ``advantages [B]``, ``num_seqs`` scalar. Outputs ``(loss, pg_loss, kl, clip_frac)``."""
 
         def __init__(self):
             super().__init__(auto_prefix=False)
-            self.logps = TokenLogProbs(model, rcfg.temperature)
+            self.logps = ResponseLogProbs(model, response_len, rcfg.temperature)
             self.loss = PolicyLoss(rcfg.clip_low, rcfg.clip_high, rcfg.kl_coef)
 
-        def construct(self, input_ids, old_logps, ref_logps, advantages, loss_mask, num_seqs):
-            lp = self.logps(input_ids)  # [B, S-1]
+        def construct(self, input_ids, resp_start, old_logps, ref_logps, advantages, loss_mask, num_seqs):
+            lp = self.logps(input_ids, resp_start)  # [B, R]
             old = ops.stop_gradient(lp) if on_policy else old_logps
             return self.loss(lp, old, ref_logps, advantages, loss_mask, num_seqs)
 
@@ -108,7 +108,7 @@ class RLTrainer:
         import mindspore as ms
 
         from recast_ms.evaluation import make_decoder
-        from recast_ms.models.policy import TokenLogProbs, freeze_copy
+        from recast_ms.models.policy import ResponseLogProbs, freeze_copy
         from recast_ms.models.tokenizer import sid_token_map
         from recast_ms.rollout.engine import SIDConstraint
         from recast_ms.signals_ms import GatherActive, RecastSelect
@@ -128,11 +128,12 @@ class RLTrainer:
             ckpt.restore_model(self.model, tensors, path=init_checkpoint)
         with quiet_stdout():  # MindFormers print()s its config table on every model build
             self.ref_model = freeze_copy(self.model) if self.rcfg.kl_coef > 0 else None
-        self.ref_logps_fn = TokenLogProbs(self.ref_model, self.rcfg.temperature) if self.ref_model is not None else None
-        self.actor_logps_fn = TokenLogProbs(self.model, self.rcfg.temperature)
-
         cb = self.splits.codebook
         self.R = response_len(self.splits)
+        # log-probs of the R response positions only: the LM head never sees prompt positions
+        self.ref_logps_fn = ResponseLogProbs(self.ref_model, self.R, self.rcfg.temperature) \
+            if self.ref_model is not None else None
+        self.actor_logps_fn = ResponseLogProbs(self.model, self.R, self.rcfg.temperature)
         self.Tp = cfg.seq_length - self.R
         rl_samples = self.splits.valid[: cfg.data.max_rl_prompts or None]
         self.rl_samples = rl_samples
@@ -158,8 +159,10 @@ class RLTrainer:
         self.adaptive = AdaptiveRepair(r.adaptive_target, r.adaptive_floor, r.adaptive_momentum) \
             if r.estimator == "recast_adaptive" else None
         self.on_policy = r.ppo_epochs == 1
-        self.opt = Optimizer(_rl_loss_cell(self.model, r, self.on_policy), self.model.trainable_params(), lr=r.lr,
-                             weight_decay=r.weight_decay, grad_clip=r.grad_clip, name="rl", world_size=world_size)
+        # one micro-batch per step (ReCast's [2P, T] at the default size): one fused graph, no gradient buffers
+        self.opt = Optimizer(_rl_loss_cell(self.model, r, self.R, self.on_policy), self.model.trainable_params(),
+                             lr=r.lr, weight_decay=r.weight_decay, grad_clip=r.grad_clip, name="rl",
+                             world_size=world_size, fused=self.num_micro == 1)
         self.sampler = _PromptSampler(len(rl_samples), self.P, cfg.seed + 1000 * rank)
         self.step_idx = 0
         self.timer = StageTimer()
@@ -225,7 +228,8 @@ class RLTrainer:
     def make_batch(self) -> dict:
         """Rollout, reward, signal and (for boundary estimators) the physical gather: the actor batch.
 
-        Returns ``input_ids [B, S]``, ``loss_mask [B, S-1]``, ``advantages [B]`` with ``B = 2P`` (boundary
+        Returns ``input_ids [B, S]``, ``resp_start [B]`` (where each row's response starts),
+        ``loss_mask [B, R]`` (over the response positions), ``advantages [B]`` with ``B = 2P`` (boundary
         estimators) or ``P*G``, plus the ``[P, G]`` rewards/scores and signal outputs for metrics.
         """
         ms = self._ms
@@ -274,17 +278,19 @@ class RLTrainer:
                 adv_rows = sig.advantages.reshape(-1)  # [P*G]
                 row_live = np.ones(P * G, np.float32)
                 prompt_rows = np.repeat(np.arange(P), G)
-            input_ids, loss_mask = pack(p_ids[prompt_rows], p_lens[prompt_rows], rows, rmask, S, pad)
-            loss_mask *= row_live[:, None]
-        return {"input_ids": input_ids, "loss_mask": loss_mask, "advantages": adv_rows.astype(np.float32),
+            input_ids, _ = pack(p_ids[prompt_rows], p_lens[prompt_rows], rows, rmask, S, pad)
+            loss_mask = rmask.astype(np.float32) * row_live[:, None]  # [B, R]
+        return {"input_ids": input_ids, "resp_start": p_lens[prompt_rows].astype(np.int32), "loss_mask": loss_mask,
+                "advantages": adv_rows.astype(np.float32),
                 "rewards": rewards, "scores": scores, "valid": valid, "repaired": repaired, "active_mask": act_mask,
                 "active_index": active_index, "prompt_index": idx}
 
     def update(self, batch: dict) -> Dict[str, float]:
         """Old/ref log-probs and the actor update over micro-batches of a fixed shape."""
         ms = self._ms
-        r, T, S = self.rcfg, self.timer, self.cfg.seq_length
-        input_ids, loss_mask, adv_rows = batch["input_ids"], batch["loss_mask"], batch["advantages"]
+        r, T, R = self.rcfg, self.timer, self.R
+        input_ids, resp_start = batch["input_ids"], batch["resp_start"]
+        loss_mask, adv_rows = batch["loss_mask"], batch["advantages"]
         B = len(input_ids)
         if B != self.batch_rows:
             raise RuntimeError(f"actor batch has {B} rows, the compiled shape is {self.batch_rows}")
@@ -292,28 +298,30 @@ class RLTrainer:
         pad_rows = n_mb * self.micro - B
         if pad_rows:  # static micro-batch shape: masked filler rows
             input_ids = np.concatenate([input_ids, np.repeat(input_ids[:1], pad_rows, 0)])
-            loss_mask = np.concatenate([loss_mask, np.zeros((pad_rows, S - 1), np.float32)])
+            resp_start = np.concatenate([resp_start, np.repeat(resp_start[:1], pad_rows)])
+            loss_mask = np.concatenate([loss_mask, np.zeros((pad_rows, R), np.float32)])
             adv_rows = np.concatenate([adv_rows, np.zeros(pad_rows, np.float32)])
         mbs = [slice(k * self.micro, (k + 1) * self.micro) for k in range(n_mb)]
-        zeros = np.zeros((self.micro, S - 1), np.float32)
+        ids_t = [ms.Tensor(input_ids[m]) for m in mbs]
+        start_t = [ms.Tensor(resp_start[m]) for m in mbs]
+        zeros = ms.Tensor(np.zeros((self.micro, R), np.float32))
         with T("old_log_prob"):
-            old = [zeros] * n_mb if self.on_policy else \
-                [self.actor_logps_fn(ms.Tensor(input_ids[m])).asnumpy() for m in mbs]
+            old = [zeros] * n_mb if self.on_policy else [self.actor_logps_fn(i, s) for i, s in zip(ids_t, start_t)]
         with T("ref"):
-            ref = [self.ref_logps_fn(ms.Tensor(input_ids[m])).asnumpy() for m in mbs] \
+            ref = [self.ref_logps_fn(i, s) for i, s in zip(ids_t, start_t)] \
                 if self.ref_logps_fn is not None else [zeros] * n_mb
+            if self.ref_logps_fn is not None:
+                ref[-1].asnumpy()  # graph calls are asynchronous: time the stage, not its launch
         num_seqs = ms.Tensor(np.float32(B))
+        micro_batches = [(ids_t[k], start_t[k], old[k], ref[k], ms.Tensor(adv_rows[m]), ms.Tensor(loss_mask[m]),
+                          num_seqs) for k, m in enumerate(mbs)]
         stats = np.zeros(4)
-        mem_peak = current_rss_mb()
         with T("update_actor"):
             for _ in range(r.ppo_epochs):
-                for k, m in enumerate(mbs):
-                    outs = self.opt.accumulate(ms.Tensor(input_ids[m]), ms.Tensor(old[k]), ms.Tensor(ref[k]),
-                                               ms.Tensor(adv_rows[m]), ms.Tensor(loss_mask[m]), num_seqs)
+                outs, grad_norm = self.opt.train_step(micro_batches, r.lr)
+                for out in outs:
                     # loss terms add up over micro-batches; kl / clip_frac are per-micro-batch means
-                    stats += np.array([float(o.asnumpy()) for o in outs]) * np.array([1, 1, 1.0 / n_mb, 1.0 / n_mb])
-                    mem_peak = max(mem_peak, current_rss_mb())
-                grad_norm = self.opt.step(r.lr)
+                    stats += np.array([float(o.asnumpy()) for o in out]) * np.array([1, 1, 1.0 / n_mb, 1.0 / n_mb])
         stats /= r.ppo_epochs
         if not all(math.isfinite(v) for v in list(stats) + [grad_norm]):
             raise FloatingPointError(
@@ -321,9 +329,9 @@ class RLTrainer:
                 f"stopping. Last good checkpoint: {ckpt.latest_checkpoint(self.run_dir)}")
         return {"actor/loss": stats[0], "actor/pg_loss": stats[1], "actor/kl": stats[2], "actor/clip_frac": stats[3],
                 "actor/grad_norm": grad_norm, "actor/rows": float(B),
-                "actor/tokens": float(B * S),  # tokens the actor's forward/backward processes (static shape)
+                "actor/tokens": float(B * self.cfg.seq_length),  # tokens the actor's forward/backward processes
                 "actor/response_tokens": float(loss_mask.sum()),  # tokens that carry loss
-                "perf/rss_peak_step_mb": mem_peak}
+                "perf/rss_peak_step_mb": current_rss_mb()}
 
     def step(self) -> Dict[str, float]:
         T, P = self.timer, self.P

@@ -65,7 +65,9 @@ def init_runtime(device_target: str = "CPU", parallel: Optional[dict] = None):
     except RuntimeError as err:
         # under msrun ``communication.init()`` has already fixed the device with a negotiated device id
         # (the rank's); setting it again with the default id 0 raises. The same target is fine.
-        if "can not be modified" not in str(err) or ms.get_current_device().device_target != device_target:
+        # The same holds once any kernel ran in this process (e.g. an earlier test): the runtime is fixed.
+        already = "can not be modified" in str(err) or "runtime has been initialized" in str(err)
+        if not already or ms.get_context("device_target").upper() != device_target.upper():
             raise
     ctx = build_context(device_target, ms.GRAPH_MODE, parallel=parallel)
     quiet_mindformers()
@@ -82,6 +84,9 @@ def build_model(cfg: RunConfig, tokenizer, seed: int):
     ``cfg.hf_checkpoint`` with its vocabulary grown to the tokenizer's (new rows: mean + noise)."""
     from recast_ms.models.qwen3 import build_qwen3
 
+    vocab = cfg.vocab_size or tokenizer.vocab_size
+    if vocab < tokenizer.vocab_size:
+        raise ValueError(f"vocab_size={cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} tokens")
     if cfg.hf_checkpoint:
         from tokenizers import Tokenizer
 
@@ -89,11 +94,11 @@ def build_model(cfg: RunConfig, tokenizer, seed: int):
 
         base = Tokenizer.from_file(os.path.join(cfg.hf_checkpoint, "tokenizer.json")).get_vocab_size(with_added_tokens=True)
         with quiet_stdout():
-            return load_hf_qwen3(cfg.hf_checkpoint, seq_length=cfg.seq_length, vocab_size=tokenizer.vocab_size,
+            return load_hf_qwen3(cfg.hf_checkpoint, seq_length=cfg.seq_length, vocab_size=vocab,
                                  pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id,
-                                 new_token_ids=range(base, tokenizer.vocab_size), init_seed=seed)
+                                 new_token_ids=range(base, vocab), init_seed=seed)
     with quiet_stdout():
-        return build_qwen3(cfg.model_config_path, vocab_size=tokenizer.vocab_size, seq_length=cfg.seq_length,
+        return build_qwen3(cfg.model_config_path, vocab_size=vocab, seq_length=cfg.seq_length,
                            pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id, seed=seed)
 
 

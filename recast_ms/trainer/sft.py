@@ -25,20 +25,21 @@ from recast_ms.utils.tracking import MetricsLogger, StageTimer, peak_rss_mb
 logger = logging.getLogger(__name__)
 
 
-def _sft_loss_cell(model):
+def _sft_loss_cell(model, response_len: int):
     from mindspore import nn, ops
 
-    from recast_ms.models.policy import TokenLogProbs
+    from recast_ms.models.policy import ResponseLogProbs
 
     class SFTLoss(nn.Cell):
-        """Token-mean NLL over response tokens. Inputs ``input_ids [B, S]``, ``loss_mask [B, S-1]``."""
+        """Token-mean NLL over response tokens. Inputs ``input_ids [B, S]``, ``resp_start [B]``,
+        ``loss_mask [B, R]``."""
 
         def __init__(self):
             super().__init__(auto_prefix=False)
-            self.logps = TokenLogProbs(model)
+            self.logps = ResponseLogProbs(model, response_len)
 
-        def construct(self, input_ids, loss_mask):
-            lp = self.logps(input_ids)  # [B, S-1]
+        def construct(self, input_ids, resp_start, loss_mask):
+            lp = self.logps(input_ids, resp_start)  # [B, R]
             n = loss_mask.sum()
             return -(lp * loss_mask).sum() / ops.maximum(n, ops.ones_like(n)), n
 
@@ -46,10 +47,13 @@ def _sft_loss_cell(model):
 
 
 def encode_split(samples, splits, tok, cfg: RunConfig):
+    """``input_ids [N, S]``, ``resp_start [N]`` (prompt lengths) and ``loss_mask [N, R]`` of a split."""
     R = response_len(splits)
     prompts = encode_prompts(samples, splits.codebook, tok, cfg.seq_length - R, cfg.data.with_titles)
     targets = encode_targets(samples, splits.codebook, tok, R)
-    return pack(prompts.ids, prompts.lens, targets, (targets != tok.pad_id).astype(np.float32), cfg.seq_length, tok.pad_id)
+    mask = (targets != tok.pad_id).astype(np.float32)
+    ids, _ = pack(prompts.ids, prompts.lens, targets, mask, cfg.seq_length, tok.pad_id)
+    return ids, prompts.lens.astype(np.int32), mask
 
 
 class _Batches:
@@ -85,7 +89,7 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
     import mindspore as ms
     from tqdm import tqdm
 
-    from recast_ms.models.policy import TokenLogProbs
+    from recast_ms.models.policy import ResponseLogProbs
 
     os.makedirs(run_dir, exist_ok=True)
     save_config(cfg, os.path.join(run_dir, "config.yaml"))
@@ -96,12 +100,14 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
     s = cfg.sft
     if len(splits.train) < s.batch_size:
         raise ValueError(f"{len(splits.train)} training samples < sft.batch_size={s.batch_size}")
-    train_ids, train_mask = encode_split(splits.train, splits, tok, cfg)
+    train_ids, train_start, train_mask = encode_split(splits.train, splits, tok, cfg)
     n_val = min(len(splits.valid), 4 * s.batch_size)
-    val_ids, val_mask = encode_split(splits.valid[:n_val], splits, tok, cfg)
+    val_ids, val_start, val_mask = encode_split(splits.valid[:n_val], splits, tok, cfg)
 
-    opt = Optimizer(_sft_loss_cell(model), model.trainable_params(), lr=s.lr, weight_decay=s.weight_decay,
-                    grad_clip=s.grad_clip, name="sft")
+    R = response_len(splits)
+    # one micro-batch per step: forward, backward and AdamW in one graph, no gradient buffers
+    opt = Optimizer(_sft_loss_cell(model, R), model.trainable_params(), lr=s.lr, weight_decay=s.weight_decay,
+                    grad_clip=s.grad_clip, name="sft", fused=True)
     batches = _Batches(len(train_ids), s.batch_size, cfg.seed)
     step = 0
     last = ckpt.latest_checkpoint(run_dir) if resume else None
@@ -112,7 +118,7 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
         batches.load(meta["batches"])
         step = meta["step"]
         logger.info("resumed SFT from %s (step %d)", last, step)
-    logps_fn = TokenLogProbs(model)
+    logps_fn = ResponseLogProbs(model, R)
     log = MetricsLogger(run_dir, resume_step=step if last else None, filename="sft_metrics.jsonl")
     timer = StageTimer()
 
@@ -124,12 +130,14 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
     def val_loss() -> float:
         tot, cnt = 0.0, 0.0
         for i in range(0, n_val, s.batch_size):
-            ids, mask = val_ids[i : i + s.batch_size], val_mask[i : i + s.batch_size]
+            sl = slice(i, i + s.batch_size)
+            ids, start, mask = val_ids[sl], val_start[sl], val_mask[sl]
             pad = s.batch_size - len(ids)
             if pad:  # keep the compiled shape: repeat rows with a zero mask
                 ids = np.concatenate([ids, ids[:pad]])
+                start = np.concatenate([start, start[:pad]])
                 mask = np.concatenate([mask, np.zeros_like(mask[:pad])])
-            lp = logps_fn(ms.Tensor(ids)).asnumpy()
+            lp = logps_fn(ms.Tensor(ids), ms.Tensor(start)).asnumpy()
             tot += float(-(lp * mask).sum())
             cnt += float(mask.sum())
         return tot / max(cnt, 1.0)
@@ -142,9 +150,9 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
         lr = cosine_lr(step, s.steps, s.lr, s.warmup_steps, s.min_lr_ratio)
         idx = batches.next()
         with timer("step"):
-            loss, ntok = opt.accumulate(ms.Tensor(train_ids[idx]), ms.Tensor(train_mask[idx]))
-            grad_norm = opt.step(lr)
-        loss = float(loss.asnumpy())
+            outs, grad_norm = opt.train_step(
+                [(ms.Tensor(train_ids[idx]), ms.Tensor(train_start[idx]), ms.Tensor(train_mask[idx]))], lr)
+        loss = float(outs[0][0].asnumpy())
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             prev = ckpt.latest_checkpoint(run_dir)
             raise FloatingPointError(f"SFT step {step}: non-finite loss {loss} / grad norm {grad_norm}; "
