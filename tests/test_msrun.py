@@ -174,3 +174,29 @@ def test_dead_worker_stops_the_job_and_leaves_no_process(tmp_path):
     assert "worker_1 failed: RuntimeError: rank 1 dies on purpose; stopping every worker" in out, out[-3000:]
     assert not left, f"processes left behind: {left}"
     print(f"dead worker detected and the job stopped in {time.time() - t0:.0f}s")
+
+
+@needs_msrun
+def test_terminated_launcher_leaves_no_workers(tmp_path):
+    """Before: killing the launcher left msrun's workers running (msrun puts them in their own groups)."""
+    script = tmp_path / "idle_worker.py"
+    script.write_text("import time\ntime.sleep(600)\n")
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHON=sys.executable)
+    proc = subprocess.Popen(["bash", LAUNCHER, "--workers", "2", "--log-dir", str(tmp_path / "logs"), "--script",
+                             str(script)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.time() + 60
+        while len([p for p in _running(str(script)) if p != proc.pid]) < 3 and time.time() < deadline:
+            time.sleep(0.5)  # the scheduler and both workers run the script
+        assert len(_running(str(script))) >= 3, "msrun did not start its processes"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        time.sleep(0.5)
+        left = _running(str(tmp_path))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _kill_leftovers(str(tmp_path))
+    assert proc.returncode == 143 and "terminated; stopping every worker" in out, out
+    assert not left, f"processes left behind: {left}"

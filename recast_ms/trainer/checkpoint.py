@@ -112,8 +112,11 @@ def claim_run_dir(run_dir: str, cfg, resumed: bool) -> None:
     os.makedirs(run_dir, exist_ok=True)
     if not resumed:
         removed = clear_checkpoints(run_dir)
+        if os.path.isdir(os.path.join(run_dir, "tb")):  # the old run's TensorBoard curves would mix with the new
+            shutil.rmtree(os.path.join(run_dir, "tb"))
+            removed.append("tb")
         if removed:
-            logger.warning("%s: a new run starts here; removed the earlier run's checkpoints %s", run_dir, removed)
+            logger.warning("%s: a new run starts here; removed the earlier run's %s", run_dir, removed)
     save_config(cfg, os.path.join(run_dir, CONFIG_FILE))
 
 
