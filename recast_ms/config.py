@@ -8,6 +8,8 @@ in ``__post_init__`` with the reason.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, get_args, get_origin, get_type_hints
@@ -15,6 +17,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, get_args, get_ori
 import yaml
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+logger = logging.getLogger(__name__)
+
+# Keys a resumed run may not change: they fix the tokenizer, the vocabulary or a tensor shape, so a
+# checkpoint written under one value cannot continue under another. Every other key may change on
+# resume (e.g. rl.eval_every, sft.lr); the differences are logged.
+SHAPE_KEYS = ("model_config", "hf_checkpoint", "seq_length", "data.source", "data.dataset", "data.codebook_size",
+              "data.text_vocab_size")
 
 
 def _require(cond: bool, msg: str):
@@ -47,6 +57,7 @@ class DataConfig:
         _require(self.source in ("synthetic", "amazon"), f"data.source must be 'synthetic' or 'amazon', got {self.source!r}")
         _require(self.codebook_size >= 2, "data.codebook_size must be >= 2")
         _require(self.max_rl_prompts >= 0 and self.max_eval_prompts >= 0, "data.max_*_prompts must be >= 0")
+        _require(self.seed >= 0, f"data.seed must be >= 0, got {self.seed}")
 
 
 @dataclass
@@ -150,8 +161,12 @@ class RunConfig:
     def __post_init__(self):
         _require(self.seq_length >= 8, "seq_length must be >= 8")
         _require(self.vocab_size >= 0, "vocab_size must be >= 0 (0: the tokenizer's vocabulary size)")
+        _require(self.seed >= 0, f"seed must be >= 0 (MindSpore and numpy seeds are unsigned), got {self.seed}")
         _require(not self.hf_checkpoint or os.path.isdir(self.hf_checkpoint),
                  f"hf_checkpoint {self.hf_checkpoint!r} is not a directory")
+        # checked here, before any data, tokenizer or run-directory file is made
+        _require(bool(self.hf_checkpoint) or os.path.isfile(self.model_config_path),
+                 f"model_config {self.model_config!r}: no such file ({self.model_config_path})")
 
     @property
     def model_config_path(self) -> str:
@@ -182,9 +197,12 @@ def _coerce(value, typ, key: str):
             raise ValueError(f"{key}: expected an integer, got {value!r}") from None
     if typ is float:
         try:
-            return float(value)
+            out = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(out):  # inf / nan pass every `> 0` check and then train nothing or NaN at step 1
+            raise ValueError(f"{key}: expected a finite number, got {value!r}")
+        return out
     if typ is str:
         if not isinstance(value, (str, int, float)):
             raise ValueError(f"{key}: expected a string, got {value!r}")
@@ -237,26 +255,80 @@ def apply_overrides(d: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, An
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Load a run YAML (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    """Load a run YAML (or the defaults when ``path`` is None) and apply ``key=value`` overrides.
+
+    An empty file or one whose top level is not a mapping is an error (an empty file would otherwise
+    train on the defaults without a word)."""
     raw: Dict[str, Any] = {}
     if path is not None:
         try:
             with open(path) as f:
-                raw = yaml.safe_load(f) or {}
+                raw = yaml.safe_load(f)
         except FileNotFoundError:
             raise FileNotFoundError(f"config file not found: {path}") from None
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: not valid YAML: {e}") from None
+        if raw is None:
+            raise ValueError(f"{path}: the config file is empty (omit --config to run on the embedded defaults)")
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: the top level must be a mapping of keys and sections "
+                             f"(model_config, data, sft, rl, eval, ...), got a {type(raw).__name__}")
     raw = apply_overrides(raw, overrides)
     try:
         return from_dict(RunConfig, raw)
     except ValueError as e:
-        raise ValueError(f"{path or '<defaults>'}: {e}") from None
+        where = " + ".join(([path] if path else []) + (["command-line overrides"] if overrides else []))
+        raise ValueError(f"{where}: {e}" if where else str(e)) from None
+
+
+def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, prefix + k + "."))
+        else:
+            out[prefix + k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_differences(stored: RunConfig, given: RunConfig) -> Dict[str, Tuple[Any, Any]]:
+    """``key -> (stored, given)`` for every key whose value differs (``model_config`` compared as a path)."""
+    a, b = _flat(stored.to_dict()), _flat(given.to_dict())
+    a["model_config"], b["model_config"] = (os.path.realpath(c.model_config_path) for c in (stored, given))
+    for c, d in ((stored, a), (given, b)):
+        if c.hf_checkpoint:
+            d["hf_checkpoint"] = os.path.realpath(c.hf_checkpoint)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def check_compatible(stored_path: str, given: RunConfig, what: str) -> None:
+    """Compare the config a run (or checkpoint) was written under with the one given now.
+
+    A difference in a ``SHAPE_KEYS`` key is an error naming each such key (the checkpoint cannot
+    continue under it); other differences are allowed and logged. ``what`` names the stored side in
+    messages (``"run runs/sft"``)."""
+    try:
+        stored = load_config(stored_path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{what}: cannot read its config {stored_path} ({e})") from None
+    diff = config_differences(stored, given)
+    bad = {k: v for k, v in diff.items() if k in SHAPE_KEYS}
+    if bad:
+        raise ValueError(f"{what} was written with a different " + ", ".join(
+            f"{k} ({v[0]!r}, now {v[1]!r})" for k, v in bad.items())
+            + "; these keys fix the tokenizer, vocabulary or tensor shapes. Use the run's own values, "
+              "or start a new run (another --run-dir, or --fresh)")
+    if diff:
+        logger.info("%s: config differs from %s in %s", what, stored_path,
+                    ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in diff.items()))
 
 
 def save_config(cfg: RunConfig, path: str):
+    """Written atomically (a kill mid-write leaves the previous file)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     d = cfg.to_dict()
     d["eval"]["ks"] = list(d["eval"]["ks"])
-    with open(path, "w") as f:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         yaml.safe_dump(d, f, sort_keys=False)
+    os.replace(tmp, path)

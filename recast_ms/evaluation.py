@@ -19,10 +19,9 @@ from recast_ms.sid import SIDTokenMap
 
 
 def decode_sid(row: np.ndarray, token_map: SIDTokenMap, eos_id: int):
-    """The SID a generated row names: the first L tokens must be level-ordered codes, else None
-    (unparseable). The SID may still be invalid (not in the catalogue); metrics treat it as a miss."""
-    sids = token_map.parse_ids(row[: token_map.fmt.num_levels])
-    return sids[0] if sids else None
+    """The SID a generated row names (``SIDTokenMap.response_sid``, the parser RL rewards use too), else
+    None (unparseable). The SID may still be invalid (not in the catalogue); metrics treat it as a miss."""
+    return token_map.response_sid(row)
 
 
 def make_decoder(model, max_prompt_len: int, max_new_tokens: int, pad_id: int, kind: str = "kv"):

@@ -77,6 +77,22 @@ def structural_score(pred_sids, target_sids) -> float:
     return max(sid_similarity(u, v) for u in preds for v in targets)
 
 
+def score_responses(responses, targets, token_map, codebook) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reward, structural score and validity of each generated response row ``[N, R]`` against its
+    target SIDs (``targets[n]``): ``(rewards [N], scores [N], valid [N])``. A row names one SID, read by
+    ``token_map.response_sid`` (the parser evaluation uses); an unparseable or out-of-catalogue SID
+    scores 0 and is not valid."""
+    n = len(responses)
+    r, s, valid = np.zeros(n), np.zeros(n), np.zeros(n, bool)
+    for k in range(n):
+        sid = token_map.response_sid(responses[k])
+        sids = [sid] if sid is not None and codebook.is_valid(sid) else []
+        valid[k] = bool(sids)
+        r[k] = task_reward(sids, targets[k])
+        s[k] = structural_score(sids, targets[k])
+    return r, s, valid
+
+
 # ----------------------------------------------------------------------------- input checks
 
 

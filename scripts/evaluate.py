@@ -23,6 +23,13 @@ def main():
     p.add_argument("--decoder", default="kv", choices=["kv", "full"])
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.max_prompts < 0:
+        p.error(f"--max-prompts must be >= 0 (0 = the whole split), got {args.max_prompts}")
+    out = args.out or os.path.join(args.run_dir, f"eval_{args.split}.json")
+    if os.path.isdir(out):  # checked now, not after the whole evaluation
+        p.error(f"--out {out} is a directory: give the JSON file to write")
+    if not args.config and not os.path.exists(os.path.join(args.run_dir, "config.yaml")):
+        p.error(f"--run-dir {args.run_dir} is not a run directory (no config.yaml)")
     setup_logging()
     from recast_ms.config import load_config
     from recast_ms.evaluation import evaluate, format_table, make_decoder, popularity_baseline, write_json
@@ -53,7 +60,6 @@ def main():
           f"checkpoint {os.path.basename(path)} (step {meta['step']}), {elapsed:.0f}s")
     print(format_table({"model": metrics, "most-popular": base}, cfg.eval.ks))
     print(f"valid SID ratio of beams: {metrics['model/valid_ratio']:.4f}")
-    out = args.out or os.path.join(args.run_dir, f"eval_{args.split}.json")
     write_json(out, {"checkpoint": path, "step": meta["step"], "split": args.split, "num_prompts": len(samples),
                      "model": metrics, "most_popular": base, "seconds": elapsed, "config": cfg.to_dict()})
     print(f"wrote {out}")

@@ -24,7 +24,16 @@
 # collective waits for the other ranks: rank 0 evaluates and saves alone while the others wait in the
 # next step's gradient AllReduce, so with MindSpore's 30 s a longer evaluation kills the run
 # ("Ring ReduceScatter wait receiving ... failed"). Raise it if an evaluation takes longer.
-# On failure the tail of each worker log is printed. Exit status: msrun's (0 = every worker exited 0).
+#
+# Failures end the run within seconds, with the reason, and leave no process behind: a busy --port is
+# refused before msrun starts; while msrun runs, the launcher polls the logs every second and stops
+# the whole job (msrun, scheduler, every worker: msrun puts some in their own process groups, and
+# would wait for them forever) as soon as the scheduler cannot listen or any worker or the scheduler
+# dies with a Python traceback (a dead rank leaves the others blocked in a collective for
+# MS_NODE_TIMEOUT). The same clean-up runs when the launcher itself is interrupted or terminated.
+# Missing option values and unknown options are errors naming them (script arguments go after --).
+# On failure the tail of each log is printed. Exit status: 0 = every worker exited 0; 2 = bad
+# arguments or busy port; otherwise msrun's status, or 1 when the launcher stopped a failed job.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -36,33 +45,30 @@ SCRIPT="$ROOT/scripts/train_rl.py"
 PYTHON="${PYTHON:-python}"
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
+die() { echo "launch_msrun.sh: $*" >&2; exit 2; }
+# an option's value: present, and not the next option (`--workers --port 1` must not take `--port`)
+value() { [[ $# -ge 2 && -n "$2" && "$2" != -* ]] || die "$1 needs a value (see --help)"; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --workers) WORKERS="$2"; shift 2 ;;
-    --port) PORT="$2"; shift 2 ;;
-    --addr) ADDR="$2"; shift 2 ;;
-    --log-dir) LOG_DIR="$2"; shift 2 ;;
-    --script) SCRIPT="$2"; shift 2 ;;
+    --workers) value "$@"; WORKERS="$2"; shift 2 ;;
+    --port) value "$@"; PORT="$2"; shift 2 ;;
+    --addr) value "$@"; ADDR="$2"; shift 2 ;;
+    --log-dir) value "$@"; LOG_DIR="$2"; shift 2 ;;
+    --script) value "$@"; SCRIPT="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;
+    -*) die "unknown option '$1' (launcher options: --workers --port --addr --log-dir --script; arguments for the script go after --)" ;;
     *) break ;;
   esac
 done
 
-if ! command -v msrun >/dev/null 2>&1; then
-  echo "launch_msrun.sh: msrun not found on PATH (it comes with mindspore)" >&2
-  exit 2
-fi
-if [[ ! "$WORKERS" =~ ^[1-9][0-9]*$ ]]; then
-  echo "launch_msrun.sh: --workers must be a positive integer, got '$WORKERS'" >&2
-  exit 2
-fi
+command -v msrun >/dev/null 2>&1 || die "msrun not found on PATH (it comes with mindspore)"
+[[ "$WORKERS" =~ ^[1-9][0-9]*$ ]] || die "--workers must be a positive integer, got '$WORKERS'"
 case "$(basename "$SCRIPT")" in
-  sft.py) echo "launch_msrun.sh: scripts/sft.py is single-process (no data-parallel path); run it directly" >&2
-          exit 2 ;;
+  sft.py) die "scripts/sft.py is single-process (no data-parallel path); run it directly" ;;
 esac
-[[ -f "$SCRIPT" ]] || { echo "launch_msrun.sh: no script $SCRIPT" >&2; exit 2; }
+[[ -f "$SCRIPT" ]] || die "no script $SCRIPT"
 
 ARGS=("$@")
 if [[ "$(basename "$SCRIPT")" == "train_rl.py" ]]; then
@@ -74,21 +80,122 @@ fi
 if [[ -z "$PORT" ]]; then
   PORT="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')"
 fi
+[[ "$PORT" =~ ^[0-9]+$ && "$PORT" -ge 1 && "$PORT" -le 65535 ]] || die "--port must be in 1..65535, got '$PORT'"
+# a listening socket on the port makes msrun's scheduler fail at once while msrun waits for its workers
+# forever; SO_REUSEADDR so that a port merely in TIME_WAIT is not refused
+"$PYTHON" - "$ADDR" "$PORT" <<'PY' || die "port $PORT on $ADDR is in use (or not bindable): choose another --port or omit it"
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    s.bind((sys.argv[1], int(sys.argv[2])))
+except OSError as e:
+    print(f"launch_msrun.sh: cannot bind {sys.argv[1]}:{sys.argv[2]}: {e}", file=sys.stderr)
+    sys.exit(1)
+PY
 LOG_DIR="${LOG_DIR:-runs/msrun_logs/$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$LOG_DIR"
+LOG_DIR_ABS="$(cd "$LOG_DIR" && pwd)"
 
 # before the MindSpore runtime starts in each worker: no busy-waiting runtime queue, C++ log at errors only
 export MS_DEV_HOST_BLOCKING_RUN="${MS_DEV_HOST_BLOCKING_RUN:-1}"
 export GLOG_v="${GLOG_v:-3}"
 export MS_NODE_TIMEOUT="${MS_NODE_TIMEOUT:-3600}"
 
+MSRUN_PID=""
+KNOWN=""  # every process msrun started (scheduler, workers), remembered while msrun is alive to find them
+
+descendants() {  # pids below $1, breadth first
+  ps -eo pid=,ppid= | awk -v root="$1" '{ kids[$2] = kids[$2] " " $1 }
+    END { n = split(root, q, " "); for (i = 1; i <= n; i++) { m = split(kids[q[i]], c, " ");
+          for (j = 1; j <= m; j++) { print c[j]; q[++n] = c[j] } } }'
+}
+
+# a process msrun started runs `python $SCRIPT ...` or follows a log (`tail -f $LOG_DIR/worker_0.log`):
+# checked before each kill, so a pid reused by an unrelated process after ours exited is never touched
+ours() {
+  local args; args="$(ps -o args= -p "$1" 2>/dev/null)" || return 1
+  [[ "$args" == *"$SCRIPT"* || "$args" == *"$LOG_DIR/"* || "$args" == *"$LOG_DIR_ABS/"* ]]
+}
+remember() {
+  [[ -n "$MSRUN_PID" ]] || return 0
+  local p live=""
+  for p in $KNOWN $(descendants "$MSRUN_PID"); do ours "$p" && live="$live $p"; done
+  KNOWN="$(printf '%s\n' $live | sort -un | tr '\n' ' ')"
+}
+
+stop_all() {  # msrun, then everything it started (their process groups too); TERM, then KILL after 5 s
+  remember
+  local sig p i alive
+  for sig in TERM KILL; do
+    [[ -z "$MSRUN_PID" ]] || kill -"$sig" "$MSRUN_PID" 2>/dev/null || true
+    for p in $KNOWN; do
+      ours "$p" || continue
+      if [[ "$(ps -o pgid= -p "$p" 2>/dev/null | tr -d ' ')" == "$p" ]]; then kill -"$sig" -- "-$p" 2>/dev/null || true; fi
+      kill -"$sig" "$p" 2>/dev/null || true
+    done
+    [[ $sig == KILL ]] && break
+    for i in $(seq 1 50); do
+      alive=0
+      for p in $MSRUN_PID $KNOWN; do ours "$p" && alive=1; done
+      [[ -n "$MSRUN_PID" ]] && kill -0 "$MSRUN_PID" 2>/dev/null && alive=1
+      [[ $alive == 0 ]] && break
+      sleep 0.1
+    done
+  done
+  [[ -n "$MSRUN_PID" ]] && { wait "$MSRUN_PID" 2>/dev/null || true; }
+  MSRUN_PID=""
+  KNOWN=""
+}
+trap 'stop_all' EXIT
+trap 'echo "launch_msrun.sh: interrupted; stopping every worker" >&2; stop_all; exit 130' INT
+trap 'echo "launch_msrun.sh: terminated; stopping every worker" >&2; stop_all; exit 143' TERM HUP
+
+failure() {  # the first sign that the job cannot succeed, as one line; silent (status 1) when none
+  local f
+  if [[ -f "$LOG_DIR/scheduler.log" ]] && grep -q -e "Failed to init the tcp server" -e "Failed to create the TCP server" "$LOG_DIR/scheduler.log"; then
+    echo "the msrun scheduler could not listen on $ADDR:$PORT (port taken?); see $LOG_DIR/scheduler.log"
+    return 0
+  fi
+  for f in "$LOG_DIR"/scheduler.log "$LOG_DIR"/worker_*.log; do
+    [[ -f "$f" ]] || continue
+    if grep -q "Traceback (most recent call last)" "$f"; then
+      echo "$(basename "$f" .log) failed: $(grep -E '^[A-Za-z_.]*(Error|Exception|Interrupt)\b' "$f" | tail -n 1)"
+      return 0
+    fi
+  done
+  if grep -q "exit with exception" "$LOG_DIR/msrun.log" 2>/dev/null; then
+    echo "$(grep "exit with exception" "$LOG_DIR/msrun.log" | head -n 1 | sed 's/.*\] //')"
+    return 0
+  fi
+  return 1
+}
+
 echo "launch_msrun.sh: $WORKERS workers, master $ADDR:$PORT, logs in $LOG_DIR" >&2
 status=0
 msrun --worker_num="$WORKERS" --local_worker_num="$WORKERS" --master_addr="$ADDR" --master_port="$PORT" \
-  --join=True --log_dir="$LOG_DIR" "$SCRIPT" "${ARGS[@]+"${ARGS[@]}"}" || status=$?
+  --join=True --log_dir="$LOG_DIR" "$SCRIPT" "${ARGS[@]+"${ARGS[@]}"}" >"$LOG_DIR/msrun.log" 2>&1 &
+MSRUN_PID=$!
+reason=""
+while kill -0 "$MSRUN_PID" 2>/dev/null; do
+  remember
+  if reason="$(failure)"; then
+    echo "launch_msrun.sh: $reason; stopping every worker" >&2
+    stop_all
+    status=1
+    break
+  fi
+  sleep 1
+done
+if [[ -n "$MSRUN_PID" ]]; then
+  wait "$MSRUN_PID" || status=$?
+  MSRUN_PID=""
+  stop_all  # msrun is gone; a worker it left behind (it had failed) goes too
+fi
+cat "$LOG_DIR/msrun.log" >&2
 
 if [[ $status -ne 0 ]]; then
-  echo "launch_msrun.sh: msrun exited $status; worker log tails:" >&2
+  echo "launch_msrun.sh: failed (status $status)${reason:+: $reason}; log tails:" >&2
   for f in "$LOG_DIR"/worker_*.log "$LOG_DIR"/scheduler.log; do
     [[ -f "$f" ]] || continue
     echo "==== $f" >&2

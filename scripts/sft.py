@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Supervised warm start: ``python scripts/sft.py --run-dir runs/sft [--config cfg.yaml] [key=value ...]``.
 
-Resumes from the newest checkpoint in ``--run-dir`` unless ``--fresh``.
+Resumes from the newest checkpoint in ``--run-dir`` (its stored config must agree in shape-relevant
+keys) unless ``--fresh``, which starts a new run there and removes the earlier run's checkpoints.
 """
 import os
 import sys
@@ -13,7 +14,8 @@ from recast_ms.cli import base_parser, quiet_mindformers, setup_logging  # noqa:
 def main():
     p = base_parser(__doc__)
     p.add_argument("--run-dir", required=True)
-    p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
+    p.add_argument("--fresh", action="store_true",
+                   help="start a new run: removes the earlier checkpoints of --run-dir before the first save")
     args = p.parse_args()
     setup_logging()
     from recast_ms.config import load_config

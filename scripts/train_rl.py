@@ -19,7 +19,8 @@ def main():
     p = base_parser(__doc__)
     p.add_argument("--init", required=True, help="SFT run directory")
     p.add_argument("--run-dir", required=True)
-    p.add_argument("--fresh", action="store_true")
+    p.add_argument("--fresh", action="store_true",
+                   help="start a new run: removes the earlier checkpoints of --run-dir before the first save")
     p.add_argument("--distributed", action="store_true", help="initialise MindSpore communication (msrun)")
     p.add_argument("--no-eval", action="store_true")
     args = p.parse_args()
@@ -28,15 +29,17 @@ def main():
     from recast_ms.trainer import checkpoint as ckpt
     from recast_ms.trainer.rl import RLTrainer
 
-    cfg = load_config(args.config or os.path.join(args.init, "config.yaml"), args.overrides)
+    init_cfg = os.path.join(args.init, ckpt.CONFIG_FILE)
+    if not os.path.isdir(args.init) or not os.path.exists(init_cfg) or ckpt.latest_checkpoint(args.init) is None:
+        sys.exit(f"--init {args.init} is not a finished SFT run directory (it needs {ckpt.CONFIG_FILE} and "
+                 f"checkpoints/step_N): run scripts/sft.py --run-dir {args.init} first")
+    cfg = load_config(args.config or init_cfg, args.overrides)
     rank, world = 0, 1
     if args.distributed:
         from recast_ms.trainer.distributed import init_data_parallel
 
         rank, world = init_data_parallel()
     init_ckpt = ckpt.latest_checkpoint(args.init)
-    if init_ckpt is None:
-        sys.exit(f"no checkpoint in {args.init}/checkpoints: run scripts/sft.py first")
     run_dir = args.run_dir
     trainer = RLTrainer(cfg, run_dir, init_ckpt, os.path.join(args.init, "tokenizer"), rank=rank, world_size=world)
     hist = trainer.train(resume=not args.fresh, evaluate=not args.no_eval)

@@ -271,3 +271,64 @@ def test_bad_header_and_missing_file(tmp_path):
     p.write_text(",".join(HEADER) + "\n")
     rep = LoadReport()
     assert read_split_csv(p, cb, rep) == [] and rep.rows_read == {"x.csv": 0}
+
+
+# ---------------------------------------------------------------------------------------------- integrity (issue 11)
+
+
+def _csv_line(row) -> str:
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf).writerow(row)
+    return buf.getvalue()
+
+
+def test_undecodable_user_is_malformed_and_leaks_nothing(tmp_path):
+    good = _row("U7", [0, 1, 4], 2)
+    valid_rows = [good, _row("U1", [0, 1], 2), _row("U1", [0, 1, 2], 3)]
+    _write_dataset(tmp_path, valid_rows, [_row("U1", [0, 1, 2, 3], 4)])
+    path = tmp_path / "Tiny" / "Tiny_5_2016-10-2018-11.valid.csv"
+    raw = path.read_bytes()
+    path.write_bytes(raw.replace(b"\nU1,", b"\nU\xff1,", 1))  # U1's FIRST row (line 3): a non-UTF-8 byte
+    splits = load_amazon("Tiny", tmp_path)
+    rep = splits.report
+    assert ("Tiny_5_2016-10-2018-11.valid.csv", 3) in [(f, l) for f, l, r in rep.malformed_rows if r.startswith("undecodable")]
+    assert all("\ufffd" not in s.user_id and "\udcff" not in s.user_id for s in splits.valid + splits.train)
+    # the damaged row's held-out target (item 2 after [0, 1]) must not come back as a training transition
+    # (before: the row was kept under user 'U\ufffd1' and U1's next row passed for its first)
+    assert ((0, 1), (2,)) not in {(s.history_items, s.target_items) for s in splits.train if s.user_id != "U7"}
+    assert {s.user_id for s in splits.train} == {"U7"}
+    assert rep.counts["users_after_unattributed_row"] == 1
+
+
+def test_line_cut_inside_a_quoted_field_swallows_nothing(tmp_path):
+    cut = _csv_line(_row("U2", [0, 1], 2, title="a title"))
+    cut = cut[: cut.index("a title") + 3] + "\n"  # the line ends inside the quoted history-title field
+    valid_rows = [_row("U1", [0, 1, 2], 3), cut, _row("U3", [0, 1, 4], 2), _row("U4", [1, 2], 3)]
+    _write_dataset(tmp_path, valid_rows, [_row("U1", [0, 1, 2, 3], 4)])
+    splits = load_amazon("Tiny", tmp_path)
+    rep = splits.report
+    assert [s.user_id for s in splits.valid] == ["U1", "U3", "U4"]  # before: U3's line vanished into U2's field
+    assert [(l, r.split(":")[0]) for f, l, r in rep.malformed_rows if f.endswith("valid.csv")] == [(3, "unclosed_quote")]
+    assert rep.rows_read["Tiny_5_2016-10-2018-11.valid.csv"] == 4
+
+
+def test_empty_or_all_malformed_split_is_an_error_naming_the_file(tmp_path):
+    _write_dataset(tmp_path / "a", [], [_row("U1", [0, 1, 2, 3], 4)])
+    with pytest.raises(ValueError, match=r"valid\.csv: no data rows"):  # before: 0 rows, val_loss 0.0, exit 0
+        load_amazon("Tiny", tmp_path / "a")
+    _write_dataset(tmp_path / "b", [_row("U1", [0, 1], 2)], [_row("U1", [0, 1], 2, target_sid=_sid(4)), ["U2", "x", "y"]])
+    with pytest.raises(ValueError, match=r"test\.csv: all 2 data rows are malformed"):
+        load_amazon("Tiny", tmp_path / "b")
+
+
+def test_catalogue_and_dataset_errors_name_the_file(tmp_path):
+    d = _write_dataset(tmp_path, [_row("U1", [0, 1], 2)], [_row("U1", [0, 1, 2], 3)])
+    with pytest.raises(FileNotFoundError, match=r"data.dataset 'Tinny'.*\['Tiny'\]"):
+        load_amazon("Tinny", tmp_path)
+    index = d / "Tiny.index.json"
+    for text in ("", index.read_text()[:20]):  # empty, truncated
+        index.write_text(text)
+        with pytest.raises(ValueError, match=r"Tiny\.index\.json: not a valid JSON file"):
+            load_amazon("Tiny", tmp_path)

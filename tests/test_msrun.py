@@ -2,7 +2,9 @@
 
 Checks that both ranks exit 0, that their final weights are identical (the optimizer cell's AllReduce
 kept them in sync although each rank rolled out different prompts) and that training moved them away
-from the SFT weights. Skipped only when ``msrun`` (shipped with mindspore) is not on PATH.
+from the SFT weights. Also that the launcher fails fast, with the reason and no process left behind,
+on bad arguments, a busy port and a worker that dies. Skipped only when ``msrun`` (shipped with
+mindspore) is not on PATH.
 """
 import json
 import os
@@ -38,7 +40,7 @@ def _free_port() -> int:
 
 def _run(cmd, cwd, timeout):
     """Run ``cmd`` in its own process group; on timeout kill the whole group (msrun's workers too)."""
-    env = dict(os.environ, MS_DEV_HOST_BLOCKING_RUN="1", GLOG_v="3", PYTHONPATH=ROOT)
+    env = dict(os.environ, MS_DEV_HOST_BLOCKING_RUN="1", GLOG_v="3", PYTHONPATH=ROOT, PYTHON=sys.executable)
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -99,3 +101,102 @@ def test_two_workers_stay_in_sync_and_train(tmp_path):
     assert len((rl_dir / "metrics.jsonl").read_text().splitlines()) == 2
     print(f"SFT {t_sft:.0f}s, msrun RL {time.time() - t0 - t_sft:.0f}s; checksums SFT {sft_checksum:.4f} "
           f"RL {c0:.4f}/{c1:.4f}")
+
+
+def _running(marker: str):
+    """Pids of live processes whose command line contains ``marker`` (a path unique to one test)."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmd:
+            out.append(int(pid))
+    return out
+
+
+def _kill_leftovers(marker: str):
+    for pid in _running(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+needs_msrun = pytest.mark.skipif(shutil.which("msrun") is None, reason="msrun (shipped with mindspore) is not on PATH")
+
+
+@needs_msrun
+def test_launcher_names_argument_errors(tmp_path):
+    for args, msg in ((["--workers"], "--workers needs a value"),  # before: "$2: unbound variable"
+                      (["--workers", "--port", "1"], "--workers needs a value"),
+                      (["--worker", "2", "--", "--init", "x"], "unknown option '--worker'")):  # before: passed on
+        rc, out, timed_out = _run(["bash", LAUNCHER, *args], tmp_path, 30)
+        assert rc == 2 and msg in out and not timed_out, (args, out)
+
+
+@needs_msrun
+def test_busy_port_fails_fast_without_workers(tmp_path):
+    script = tmp_path / "idle_worker.py"
+    script.write_text("import time\ntime.sleep(600)\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        t0 = time.time()
+        try:  # before: the scheduler failed at once, msrun waited forever and the workers outlived the launcher
+            rc, out, timed_out = _run(["bash", LAUNCHER, "--workers", "2", "--port", str(port), "--log-dir",
+                                       str(tmp_path / "logs"), "--script", str(script)], tmp_path, 60)
+        finally:
+            left = _running(str(tmp_path))
+            _kill_leftovers(str(tmp_path))
+    assert not timed_out and rc == 2 and f"port {port} on 127.0.0.1 is in use" in out, out
+    assert time.time() - t0 < 60 and not left
+
+
+@needs_msrun
+def test_dead_worker_stops_the_job_and_leaves_no_process(tmp_path):
+    """Rank 1 dies after the cluster formed; rank 0 would wait in its next collective for MS_NODE_TIMEOUT."""
+    script = tmp_path / "crashing_worker.py"
+    script.write_text("import time\nfrom recast_ms.trainer.distributed import init_data_parallel\n"
+                      "rank, _ = init_data_parallel()\n"
+                      "if rank == 1:\n    raise RuntimeError('rank 1 dies on purpose')\ntime.sleep(600)\n")
+    t0 = time.time()
+    try:
+        rc, out, timed_out = _run(["bash", LAUNCHER, "--workers", "2", "--log-dir", str(tmp_path / "logs"),
+                                   "--script", str(script)], tmp_path, 120)
+    finally:  # msrun's processes: scheduler, workers, and the `tail -f` it runs on each worker log
+        left = _running(str(tmp_path))
+        _kill_leftovers(str(tmp_path))
+    assert not timed_out and rc == 1, f"rc={rc} timed_out={timed_out}\n{out[-3000:]}"
+    assert "worker_1 failed: RuntimeError: rank 1 dies on purpose; stopping every worker" in out, out[-3000:]
+    assert not left, f"processes left behind: {left}"
+    print(f"dead worker detected and the job stopped in {time.time() - t0:.0f}s")
+
+
+@needs_msrun
+def test_terminated_launcher_leaves_no_workers(tmp_path):
+    """Before: killing the launcher left msrun's workers running (msrun puts them in their own groups)."""
+    script = tmp_path / "idle_worker.py"
+    script.write_text("import time\ntime.sleep(600)\n")
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHON=sys.executable)
+    proc = subprocess.Popen(["bash", LAUNCHER, "--workers", "2", "--log-dir", str(tmp_path / "logs"), "--script",
+                             str(script)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.time() + 60
+        while len([p for p in _running(str(script)) if p != proc.pid]) < 3 and time.time() < deadline:
+            time.sleep(0.5)  # the scheduler and both workers run the script
+        assert len(_running(str(script))) >= 3, "msrun did not start its processes"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        time.sleep(0.5)
+        left = _running(str(tmp_path))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _kill_leftovers(str(tmp_path))
+    assert proc.returncode == 143 and "terminated; stopping every worker" in out, out
+    assert not left, f"processes left behind: {left}"

@@ -36,9 +36,17 @@ Industrial_and_Scientific 10,393 train transitions from 3,285 users / 4,532 vali
 Office_Products 9,484 / 4,866 / 4,866. (Upstream's train split held ~36k / ~39k samples; this is
 the part of it recoverable from valid/test histories.)
 
-Malformed rows (csv error, wrong column count, bad python literal, wrong type, unknown item id,
-empty history, SID that disagrees with index.json) are logged as warnings with file and line and
-counted in ``LoadReport``; they never raise.
+Malformed rows (csv error, a quoted field left open that runs into the next line, bytes that are not
+UTF-8, wrong column count, bad python literal, wrong type, unknown item id, empty history, SID that
+disagrees with index.json) are logged as warnings with file and line and counted in ``LoadReport``;
+they never raise, and never take a good line with them: a record that spans lines is accepted only
+if it parses and none of its continuation lines is a good row on its own (else its first line is the
+malformed row and reading resumes on the next line). Files are decoded strictly: a row with a
+non-UTF-8 byte is malformed (never kept under a mangled user id). A row whose user cannot be read
+cannot taint its user, so the user whose history continues it (the row after it in the chain) is
+excluded from training instead (``users_after_unattributed_row``). What cannot be a usable dataset is
+an error naming the file: an unreadable or empty ``index.json``, a split file without data rows or
+with every row malformed, and no training transition at all.
 """
 from __future__ import annotations
 
@@ -47,6 +55,7 @@ import csv
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
@@ -98,8 +107,9 @@ def load_codebook(root: PathLike, dataset: str, report: Optional[LoadReport] = N
     report = report if report is not None else LoadReport()
     files = dataset_files(root, dataset, period)
     index_name = files["index"].name
-    with open(files["index"], encoding="utf-8") as f:
-        raw = json.load(f)
+    raw = _read_json(files["index"])
+    if not isinstance(raw, dict):
+        raise ValueError(f"{files['index']}: expected a JSON object of item id -> SID codes, got {type(raw).__name__}")
     item_to_sid: Dict[int, SID] = {}
     for key, codes in raw.items():
         try:
@@ -114,12 +124,17 @@ def load_codebook(root: PathLike, dataset: str, report: Optional[LoadReport] = N
             continue
         item_to_sid[item] = sid
 
+    if not item_to_sid:
+        raise ValueError(f"{files['index']}: no usable catalogue entry ({len(raw)} entries, all malformed)")
     titles: Dict[int, str] = {}
     if files["item"].exists():
-        with open(files["item"], encoding="utf-8") as f:
-            for key, meta in json.load(f).items():
+        items = _read_json(files["item"])
+        if isinstance(items, dict):
+            for key, meta in items.items():
                 if isinstance(meta, dict) and isinstance(meta.get("title"), str) and key.isdigit():
                     titles[int(key)] = meta["title"]
+        else:
+            report.notes.append(f"{files['item'].name} is not a JSON object: titles from info.txt only")
     else:
         report.notes.append(f"{files['item'].name} absent: titles from info.txt only")
 
@@ -146,6 +161,17 @@ def load_codebook(root: PathLike, dataset: str, report: Optional[LoadReport] = N
                        item_titles={i: t for i, t in titles.items() if i in item_to_sid})
 
 
+def _read_json(path: Path):
+    """A catalogue file's JSON; an unreadable, truncated or empty file is an error naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: catalogue file not found") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: not a valid JSON file ({type(e).__name__}: {e})") from None
+
+
 # ---------------------------------------------------------------------------------------------- rows
 
 
@@ -164,6 +190,28 @@ class Row:
     line: int
     user_id: Optional[str]
     sample: Optional[Sample]
+    # a malformed row whose user id alone is unreadable: its (history, target), to find whose chain it was in
+    orphan: Optional[Sample] = None
+
+
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes that are not UTF-8, as ``surrogateescape`` reads them
+
+
+class _LineFeed:
+    """Physical lines handed to ``csv.reader`` one at a time; ``pos`` is the index of the next one, so a
+    reader can be restarted at any line (after a quoted field that ran over a line end)."""
+
+    def __init__(self, lines: List[str]):
+        self.lines, self.pos = lines, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        if self.pos >= len(self.lines):
+            raise StopIteration
+        self.pos += 1
+        return self.lines[self.pos - 1]
 
 
 def _literal(text: str, column: str):
@@ -229,54 +277,97 @@ def _malformed(report: LoadReport, file: str, line: int, reason: str, detail: st
         logger.warning("%s: more malformed rows; all are listed in LoadReport.malformed_rows", file)
 
 
+def _good_alone(line: str, col: Dict[str, int], codebook: SIDCodebook) -> bool:
+    """Whether one physical line is a complete, good data row by itself."""
+    try:
+        fields = next(csv.reader([line]))
+        _parse_row(fields, col, codebook, "")
+        return not _UNDECODABLE.search(line)
+    except (csv.Error, StopIteration, _Malformed):
+        return False
+
+
 def read_split_csv(path: PathLike, codebook: SIDCodebook, report: Optional[LoadReport] = None) -> List[Row]:
     """Every data row of one valid/test CSV, in file order; malformed rows have ``sample=None``.
 
-    Raises only for a missing file or a header without the required columns.
+    Raises only for a missing file or a header without the required columns. See the module
+    docstring for undecodable bytes and quoted fields that run over a line end.
     """
     report = report if report is not None else LoadReport()
     path = Path(path)
     name = path.name
     rows: List[Row] = []
     read = kept = 0
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
-        reader = csv.reader(f)
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        lines = f.readlines()
+    feed = _LineFeed(lines)
+    reader = csv.reader(feed)
+    try:
+        header = next(reader)
+    except (StopIteration, csv.Error) as e:
+        raise ValueError(f"{path}: no readable header ({e!r})") from None
+    header = [h.strip().lstrip("\ufeff") for h in header]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise ValueError(f"{path}: header lacks columns {missing}; got {header}")
+    col = {c: header.index(c) for c in REQUIRED_COLUMNS}
+
+    def restart(at: int):  # read on from physical line index ``at`` with a fresh reader
+        nonlocal reader
+        feed.pos = at
+        reader = csv.reader(feed)
+
+    while feed.pos < len(lines):
+        start = feed.pos  # index of the record's first physical line; its line number is start + 1
+        line = start + 1
         try:
-            header = next(reader)
-        except (StopIteration, csv.Error) as e:
-            raise ValueError(f"{path}: no readable header ({e!r})") from None
-        header = [h.strip().lstrip("\ufeff") for h in header]
-        missing = [c for c in REQUIRED_COLUMNS if c not in header]
-        if missing:
-            raise ValueError(f"{path}: header lacks columns {missing}; got {header}")
-        col = {c: header.index(c) for c in REQUIRED_COLUMNS}
-        start = reader.line_num + 1  # first physical line of the next record (fields may span lines)
-        while True:
-            try:
-                fields = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as e:
-                read += 1
-                _malformed(report, name, start, "csv_error", str(e))
-                rows.append(Row(name, start, None, None))
-                start = reader.line_num + 1
-                continue
-            line, start = start, reader.line_num + 1
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
             read += 1
-            if not any(x.strip() for x in fields):
-                _malformed(report, name, line, "blank_row")
-                rows.append(Row(name, line, None, None))
-                continue
-            user = (fields[col["user_id"]].strip() if len(fields) > col["user_id"] else "") or None
-            try:
-                sample = _parse_row(fields, col, codebook, f"{name}:{line}")
-            except _Malformed as e:
-                _malformed(report, name, line, e.reason, e.detail)
-                rows.append(Row(name, line, user, None))
-                continue
-            kept += 1
-            rows.append(Row(name, line, user, sample))
+            _malformed(report, name, line, "csv_error", str(e))
+            rows.append(Row(name, line, None, None))
+            restart(start + 1)
+            continue
+        read += 1
+        if not any(x.strip() for x in fields):
+            _malformed(report, name, line, "blank_row")
+            rows.append(Row(name, line, None, None))
+            continue
+        user = fields[col["user_id"]].strip() if len(fields) > col["user_id"] else ""
+        user = user if user and not _UNDECODABLE.search(user) and "\n" not in user else None
+        try:
+            sample = _parse_row(fields, col, codebook, f"{name}:{line}")
+        except _Malformed as e:
+            sample, err = None, e
+        span = feed.pos - start
+        if span > 1 and (sample is None or any(_good_alone(lines[k], col, codebook) for k in range(start + 1, feed.pos))):
+            # a quote opened on this line ran over the line end and swallowed what follows: this line is
+            # the malformed row; the next ones are read again on their own
+            _malformed(report, name, line, "unclosed_quote", f"a quoted field runs on into line {line + 1}")
+            rows.append(Row(name, line, user, None))
+            restart(start + 1)
+            continue
+        undecodable = [header[i] if i < len(header) else f"field {i}" for i, x in enumerate(fields)
+                       if _UNDECODABLE.search(x)]
+        if undecodable:
+            orphan = None
+            if user is None:  # which chain the row was in can still be found from its items
+                try:
+                    orphan = _parse_row([("?" if i == col["user_id"] else x) for i, x in enumerate(fields)], col,
+                                        codebook, f"{name}:{line}")
+                except _Malformed:
+                    pass
+            _malformed(report, name, line, "undecodable", f"bytes that are not UTF-8 in {undecodable}")
+            rows.append(Row(name, line, user, None, orphan))
+            continue
+        if sample is None:
+            _malformed(report, name, line, err.reason, err.detail)
+            rows.append(Row(name, line, user, None))
+            continue
+        kept += 1
+        rows.append(Row(name, line, user, sample))
     report.rows_read[name] = read
     report.rows_kept[name] = kept
     return rows
@@ -309,11 +400,18 @@ def derive_training(valid_rows: Sequence[Row], test_rows: Sequence[Row], report:
                     logger.warning("%s: history of user %s does not continue %s", cur.sample.origin, user,
                                    prev.sample.origin)
 
+    # a row with an unreadable user may have been some user's first row; that user's next row (whose
+    # history continues it) would then pass for the first and leak the row's held-out target
+    orphan_next = {(r.orphan.history_items + r.orphan.target_items)[-HISTORY_WINDOW:]
+                   for r in list(valid_rows) + list(test_rows) if r.orphan is not None}
     candidates: List[Sample] = []
-    tainted = 0
+    tainted = after_orphan = 0
     for user, r in first.items():
         if r.sample is None:
             tainted += 1
+            continue
+        if r.sample.history_items in orphan_next:
+            after_orphan += 1
             continue
         s = r.sample
         for i in range(1, len(s.history_items)):
@@ -340,9 +438,13 @@ def derive_training(valid_rows: Sequence[Row], test_rows: Sequence[Row], report:
         logger.warning("removed %d training transitions equal to held-out (user, history, target) triples", overlap)
     if tainted:
         logger.warning("%d users give no training transitions: their first row is malformed", tainted)
+    if after_orphan:
+        logger.warning("%d users give no training transitions: their first readable row continues a row whose "
+                       "user id is unreadable", after_orphan)
     report.counts.update(
         users=len(first),
         users_first_row_malformed=tainted,
+        users_after_unattributed_row=after_orphan,
         chain_breaks=chain_breaks,
         train_candidates=len(candidates),
         train_duplicates=dups,
@@ -359,12 +461,27 @@ def load_amazon(dataset: str, root: Optional[PathLike] = None, valid_in_train: b
     counts; ``splits.report.malformed_rows`` lists every skipped row as (file, line, reason).
     """
     root = Path(root) if root is not None else default_data_root()
+    if not (root / dataset).is_dir():
+        found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        raise FileNotFoundError(f"data.dataset {dataset!r}: no directory {root / dataset}; datasets under {root}: "
+                                f"{found or 'none (is data.root / $RECAST_DATA_ROOT right?)'} (shipped: {list(DATASETS)})")
     files = dataset_files(root, dataset, period)
     report = LoadReport()
     codebook = load_codebook(root, dataset, report, fmt=fmt, codebook_size=codebook_size, period=period)
     valid_rows = read_split_csv(files["valid"], codebook, report)
     test_rows = read_split_csv(files["test"], codebook, report)
+    for split, rows in (("valid", valid_rows), ("test", test_rows)):
+        if not rows:
+            raise ValueError(f"{files[split]}: no data rows (header only): the {split} split would be empty")
+        bad = [r for r in rows if r.sample is None]
+        if len(bad) == len(rows):
+            first = next(x for x in report.malformed_rows if x[0] == files[split].name)
+            raise ValueError(f"{files[split]}: all {len(rows)} data rows are malformed (line {first[1]}: {first[2]}; "
+                             f"every one is in the log): the {split} split would be empty")
     train = derive_training(valid_rows, test_rows, report, valid_in_train=valid_in_train)
+    if not train:
+        raise ValueError(f"{root / dataset}: no training transition can be derived from {files['valid'].name} and "
+                         f"{files['test'].name} (every user's first row is malformed or has a one-item history)")
     valid = [r.sample for r in valid_rows if r.sample is not None]
     test = [r.sample for r in test_rows if r.sample is not None]
     report.counts.update(train=len(train), valid=len(valid), test=len(test), malformed=report.num_malformed)

@@ -74,7 +74,8 @@ def encode_prompt(sample: Sample, codebook: SIDCodebook, tokenizer, max_len: Opt
         ids = bos + tokenizer.encode(render_prompt(sample, codebook, with_titles, max_items=keep))
         if max_len is None or len(ids) <= max_len:
             return ids
-    raise ValueError(f"{sample.origin}: even a one-item prompt exceeds max_len={max_len} tokens")
+    raise ValueError(f"{sample.origin}: even a one-item prompt exceeds max_len={max_len} tokens (a prompt gets "
+                     f"seq_length minus the L + 1 response tokens: raise seq_length)")
 
 
 def encode_response(target_sid: Sequence[int], codebook: SIDCodebook, tokenizer) -> List[int]:

@@ -20,16 +20,16 @@ policy forward is run (``ppo_epochs > 1`` computes them). Data parallel: each ra
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import Dict, List, Optional
 
 import numpy as np
 
-from recast_ms.config import RunConfig, save_config
+from recast_ms.config import RunConfig, check_compatible
 from recast_ms.data.batching import encode_prompts, encode_targets, pack
-from recast_ms.signals import compute_signal, estimator_flags, signal_diagnostics, structural_score, task_reward
+from recast_ms.signals import compute_signal, estimator_flags, score_responses, signal_diagnostics
 from recast_ms.trainer import checkpoint as ckpt
+from recast_ms.trainer import guard
 from recast_ms.trainer.setup import build_model, get_tokenizer, init_runtime, load_splits, quiet_stdout, response_len
 from recast_ms.utils.tracking import MetricsLogger, StageTimer, current_rss_mb, peak_rss_mb
 
@@ -116,9 +116,12 @@ class RLTrainer:
 
         self.cfg, self.rcfg, self.run_dir = cfg, cfg.rl, run_dir
         self.progress, self.rank, self.world = progress and rank == 0, rank, world_size
-        os.makedirs(run_dir, exist_ok=True)
-        if rank == 0:
-            save_config(cfg, os.path.join(run_dir, "config.yaml"))
+        self.init_checkpoint = init_checkpoint
+        ckpt.check_run_dir(run_dir)  # config.yaml is written by train(), once everything below was built
+        if init_checkpoint:  # the SFT run's config must fit this one's shapes, else restoring would fail later
+            init_cfg = os.path.join(os.path.dirname(os.path.dirname(init_checkpoint)), ckpt.CONFIG_FILE)
+            if os.path.exists(init_cfg):
+                check_compatible(init_cfg, cfg, f"--init checkpoint {init_checkpoint}")
         self.splits = load_splits(cfg.data)
         self.tok = get_tokenizer(self.splits, tokenizer_dir, cfg)
         init_runtime()
@@ -188,15 +191,16 @@ class RLTrainer:
 
     def save(self):
         if self.rank == 0:
-            ckpt.save_state(self.run_dir, self.step_idx, self.state_tensors(), self.state_meta())
+            tensors = self.state_tensors()
+            guard.check_state("RL", self.step_idx, tensors, self.run_dir, self.init_checkpoint)  # never save a blown-up state
+            ckpt.save_state(self.run_dir, self.step_idx, tensors, self.state_meta())
 
     def resume(self) -> bool:
         last = ckpt.latest_checkpoint(self.run_dir)
         if not last:
             return False
+        ckpt.check_resume(self.run_dir, self.cfg, last, "rl")
         tensors, meta = ckpt.load_state(last)
-        if meta.get("phase") != "rl":
-            raise ValueError(f"{last} is not an RL checkpoint")
         ckpt.restore_model(self.model, tensors, path=last)
         self.opt.load_state_dict({k[len("optim/"):]: v for k, v in tensors.items() if k.startswith("optim/")})
         if meta.get("estimator") != self.estimator:
@@ -210,20 +214,12 @@ class RLTrainer:
     # ------------------------------------------------------------------ one step
 
     def _rewards(self, responses: np.ndarray, samples) -> (np.ndarray, np.ndarray, np.ndarray):
-        """Binary hits, structural scores and validity for ``[P*G, R]`` responses -> ``[P, G]``."""
-        cb = self.splits.codebook
+        """Binary hits, structural scores and validity for ``[P*G, R]`` responses -> ``[P, G]``; responses
+        are parsed exactly as evaluation parses its beams (``SIDTokenMap.response_sid``)."""
         P, G = len(samples), self.G
-        r = np.zeros((P, G))
-        s = np.zeros((P, G))
-        valid = np.zeros((P, G), bool)
-        for i in range(P):
-            tgt = samples[i].target_sids
-            for j in range(G):
-                sids = [x for x in self.token_map.parse_ids(responses[i * G + j][: self.R]) if cb.is_valid(x)]
-                valid[i, j] = bool(sids)
-                r[i, j] = task_reward(sids, tgt)
-                s[i, j] = structural_score(sids, tgt)
-        return r, s, valid
+        targets = [samples[i].target_sids for i in range(P) for _ in range(G)]
+        r, s, valid = score_responses(responses, targets, self.token_map, self.splits.codebook)
+        return r.reshape(P, G), s.reshape(P, G), valid.reshape(P, G)
 
     def make_batch(self) -> dict:
         """Rollout, reward, signal and (for boundary estimators) the physical gather: the actor batch.
@@ -323,10 +319,8 @@ class RLTrainer:
                     # loss terms add up over micro-batches; kl / clip_frac are per-micro-batch means
                     stats += np.array([float(o.asnumpy()) for o in out]) * np.array([1, 1, 1.0 / n_mb, 1.0 / n_mb])
         stats /= r.ppo_epochs
-        if not all(math.isfinite(v) for v in list(stats) + [grad_norm]):
-            raise FloatingPointError(
-                f"RL step {self.step_idx + 1}: non-finite loss/grad (loss={stats[0]}, grad_norm={grad_norm}); "
-                f"stopping. Last good checkpoint: {ckpt.latest_checkpoint(self.run_dir)}")
+        guard.check_step("RL", self.step_idx + 1, {"loss": stats[0], "pg_loss": stats[1], "kl": stats[2],
+                                                   "grad_norm": grad_norm}, self.run_dir, self.init_checkpoint)
         return {"actor/loss": stats[0], "actor/pg_loss": stats[1], "actor/kl": stats[2], "actor/clip_frac": stats[3],
                 "actor/grad_norm": grad_norm, "actor/rows": float(B),
                 "actor/tokens": float(B * self.cfg.seq_length),  # tokens the actor's forward/backward processes
@@ -372,6 +366,8 @@ class RLTrainer:
         from tqdm import tqdm
 
         resumed = self.resume() if resume else False
+        if self.rank == 0:  # a new run clears an earlier run's checkpoints before it saves anything
+            ckpt.claim_run_dir(self.run_dir, self.cfg, resumed)
         log = MetricsLogger(self.run_dir, resume_step=self.step_idx if resumed else None,
                             tensorboard=self.rank == 0) if self.rank == 0 else None
         history = []
@@ -401,4 +397,5 @@ class RLTrainer:
         bar.close()
         if log is not None:
             log.close()
+        guard.warn_if_no_update(f"RL[{self.estimator}]", [m["actor/grad_norm"] for m in history if "actor/grad_norm" in m])
         return history

@@ -26,8 +26,12 @@ def load_splits(dcfg: DataConfig) -> Splits:
     return splits
 
 
-def get_tokenizer(splits: Splits, tokenizer_dir: str, cfg: RunConfig):
+def get_tokenizer(splits: Splits, tokenizer_dir: str, cfg: RunConfig, *, reuse: bool = True, save: bool = True):
     """The run's tokenizer, made once per run directory and reused (SFT, RL and evaluation share ids).
+
+    ``reuse=False`` makes a new one even when ``tokenizer_dir`` holds one (a new SFT run in an old
+    directory); ``save=False`` leaves writing it to the caller (SFT writes it with ``config.yaml``,
+    once data and model were built).
 
     With ``cfg.hf_checkpoint``: the checkpoint's ``tokenizer.json`` with the SID codes added as special
     tokens and a dedicated pad token (Qwen3's own pad is its EOS, which the model must not mask).
@@ -37,19 +41,19 @@ def get_tokenizer(splits: Splits, tokenizer_dir: str, cfg: RunConfig):
     from recast_ms.models.tokenizer import META_FILE, HFSIDTokenizer, SentencePieceSIDTokenizer, load_tokenizer
 
     dcfg = cfg.data
-    if os.path.exists(os.path.join(tokenizer_dir, META_FILE)):
+    if reuse and os.path.exists(os.path.join(tokenizer_dir, META_FILE)):
         return load_tokenizer(tokenizer_dir)
     if cfg.hf_checkpoint:
         tok = HFSIDTokenizer.from_pretrained(cfg.hf_checkpoint, splits.codebook.code_tokens(),
                                              pad_token=HFSIDTokenizer.DEFAULT_PAD)
+    else:
+        tok = SentencePieceSIDTokenizer.train(
+            prompt_corpus(splits.train, splits.codebook, dcfg.with_titles),
+            splits.codebook.code_tokens(),
+            text_vocab_size=dcfg.text_vocab_size,
+        )
+    if save:
         tok.save(tokenizer_dir)
-        return tok
-    tok = SentencePieceSIDTokenizer.train(
-        prompt_corpus(splits.train, splits.codebook, dcfg.with_titles),
-        splits.codebook.code_tokens(),
-        text_vocab_size=dcfg.text_vocab_size,
-    )
-    tok.save(tokenizer_dir)
     return tok
 
 

@@ -9,15 +9,15 @@ run resumes from the newest one and loses at most ``save_every`` steps.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import Dict, Optional
 
 import numpy as np
 
-from recast_ms.config import RunConfig, save_config
+from recast_ms.config import RunConfig
 from recast_ms.data.batching import encode_prompts, encode_targets, pack
 from recast_ms.trainer import checkpoint as ckpt
+from recast_ms.trainer import guard
 from recast_ms.trainer.optim import Optimizer, cosine_lr
 from recast_ms.trainer.setup import build_model, get_tokenizer, init_runtime, load_splits, response_len
 from recast_ms.utils.tracking import MetricsLogger, StageTimer, peak_rss_mb
@@ -91,15 +91,19 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
 
     from recast_ms.models.policy import ResponseLogProbs
 
-    os.makedirs(run_dir, exist_ok=True)
-    save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    ckpt.check_run_dir(run_dir)
+    last = ckpt.latest_checkpoint(run_dir) if resume else None
+    if last:  # before anything is built: a checkpoint cannot continue under another shape
+        ckpt.check_resume(run_dir, cfg, last, "sft")
     splits = load_splits(cfg.data)
-    tok = get_tokenizer(splits, os.path.join(run_dir, "tokenizer"), cfg)
-    init_runtime()
-    model = build_model(cfg, tok, seed=cfg.seed)
     s = cfg.sft
     if len(splits.train) < s.batch_size:
         raise ValueError(f"{len(splits.train)} training samples < sft.batch_size={s.batch_size}")
+    tok_dir = os.path.join(run_dir, "tokenizer")
+    # the tokenizer belongs to the run: reused on resume, made anew (and saved with config.yaml) otherwise
+    tok = get_tokenizer(splits, tok_dir, cfg, reuse=bool(last), save=False)
+    init_runtime()
+    model = build_model(cfg, tok, seed=cfg.seed)
     train_ids, train_start, train_mask = encode_split(splits.train, splits, tok, cfg)
     n_val = min(len(splits.valid), 4 * s.batch_size)
     val_ids, val_start, val_mask = encode_split(splits.valid[:n_val], splits, tok, cfg)
@@ -110,7 +114,6 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
                     grad_clip=s.grad_clip, name="sft", fused=True)
     batches = _Batches(len(train_ids), s.batch_size, cfg.seed)
     step = 0
-    last = ckpt.latest_checkpoint(run_dir) if resume else None
     if last:
         tensors, meta = ckpt.load_state(last)
         ckpt.restore_model(model, tensors, path=last)
@@ -118,6 +121,11 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
         batches.load(meta["batches"])
         step = meta["step"]
         logger.info("resumed SFT from %s (step %d)", last, step)
+    ckpt.claim_run_dir(run_dir, cfg, resumed=bool(last))  # a new run clears the old checkpoints first
+    if not last:
+        tok.save(tok_dir)
+    if step >= s.steps:
+        logger.warning("%s: SFT is already at step %d (sft.steps=%d): nothing to train", run_dir, step, s.steps)
     logps_fn = ResponseLogProbs(model, R)
     log = MetricsLogger(run_dir, resume_step=step if last else None, filename="sft_metrics.jsonl")
     timer = StageTimer()
@@ -125,6 +133,7 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
     def save(at_step):
         tensors = ckpt.model_tensors(model)
         tensors.update({"optim/" + k: v for k, v in opt.state_dict().items()})
+        guard.check_state("SFT", at_step, tensors, run_dir)  # never write a blown-up state
         ckpt.save_state(run_dir, at_step, tensors, {"batches": batches.state(), "phase": "sft"})
 
     def val_loss() -> float:
@@ -146,6 +155,7 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
     bar = tqdm(total=s.steps, initial=step, desc="sft", disable=not progress, dynamic_ncols=True)
     done_here = 0
     last_log = step
+    grad_norms = []
     while step < s.steps:
         lr = cosine_lr(step, s.steps, s.lr, s.warmup_steps, s.min_lr_ratio)
         idx = batches.next()
@@ -153,10 +163,8 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
             outs, grad_norm = opt.train_step(
                 [(ms.Tensor(train_ids[idx]), ms.Tensor(train_start[idx]), ms.Tensor(train_mask[idx]))], lr)
         loss = float(outs[0][0].asnumpy())
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            prev = ckpt.latest_checkpoint(run_dir)
-            raise FloatingPointError(f"SFT step {step}: non-finite loss {loss} / grad norm {grad_norm}; "
-                                     f"stopping. Last good checkpoint: {prev}")
+        guard.check_step("SFT", step + 1, {"loss": loss, "grad_norm": grad_norm}, run_dir)
+        grad_norms.append(grad_norm)
         step += 1
         done_here += 1
         bar.update(1)
@@ -176,4 +184,5 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
             break
     bar.close()
     log.close()
+    guard.warn_if_no_update("SFT", grad_norms)
     return metrics
