@@ -31,9 +31,10 @@ def main():
     cfg = load_config(args.config or os.path.join(args.init, "config.yaml"), args.overrides)
     rank, world = 0, 1
     if args.distributed:
+        from recast_ms.runtime import resolve_device
         from recast_ms.trainer.distributed import init_data_parallel
 
-        rank, world = init_data_parallel()
+        rank, world = init_data_parallel(resolve_device(cfg.runtime.device_target)[0])
     init_ckpt = ckpt.latest_checkpoint(args.init)
     if init_ckpt is None:
         sys.exit(f"no checkpoint in {args.init}/checkpoints: run scripts/sft.py first")

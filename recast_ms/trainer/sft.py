@@ -91,7 +91,7 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
     save_config(cfg, os.path.join(run_dir, "config.yaml"))
     splits = load_splits(cfg.data)
     tok = get_tokenizer(splits, os.path.join(run_dir, "tokenizer"), cfg)
-    init_runtime()
+    init_runtime(cfg)
     model = build_model(cfg, tok, seed=cfg.seed)
     s = cfg.sft
     if len(splits.train) < s.batch_size:
