@@ -327,8 +327,11 @@ def plan_runtime(cfg, device_target: str, world_size: int, model_yaml: Optional[
         cpu_patches=(),
         gradient_reduction="inserted by semi-auto-parallel (DP AllReduce / ReduceScatter with optimizer parallel)"
         if world_size > 1 else "none (one device)",
-        train_wrapper="mindformers: MFTrainOneStepCell + MindFormers AdamW"
-        + (", PipelineCellWithTwoOutput over micro_batch_num" if pp > 1 else ", GradAccumulationCellWithTwoOutput"),
+        train_wrapper=("recast_cells: GradAccumulator + AdamWApply, one device (no collective)" if world_size == 1 else
+                       "NOT WRITTEN: MindFormers' MFTrainOneStepCell + MindFormers AdamW (optimizer parallel from the "
+                       "context)" + (" over PipelineCellWithTwoOutput(micro_batch_num)" if pp > 1 else
+                                     " over GradAccumulationCellWithTwoOutput")
+                       + "; the project's cells keep their explicit AllReduce for CPU data parallel only"),
         rollout_engine=engine, rollout_reason=reason, actor_batch=batch, notes=notes)
 
 

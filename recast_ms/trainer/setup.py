@@ -98,6 +98,12 @@ def init_runtime(cfg_or_device=None, world_size: int = 1, parallel: Optional[dic
                 raise
         build_context(device_target, ms.GRAPH_MODE, parallel=parallel)
     else:  # Ascend: MindFormers' own parallel machinery (communication init, set_auto_parallel_context)
+        if plan.use_parallel and not os.environ.get("RECAST_ASCEND_CONTEXT_ONLY"):
+            raise NotImplementedError(
+                f"Ascend with {plan.world_size} ranks: the runtime plan, context and model layout are written, but the "
+                f"semi-auto-parallel training step ({plan.train_wrapper}) and the rollout engine "
+                f"'{plan.rollout_engine}' are not (README 'On Ascend'). RECAST_ASCEND_CONTEXT_ONLY=1 builds the "
+                "context and the model only.")
         extra = {k: v for k, v in plan.context.items() if k not in ("mode", "device_target")}
         build_context(device_target, ms.GRAPH_MODE, parallel=plan.parallel, use_parallel=plan.use_parallel,
                       parallel_config=plan.parallel_config, **extra)
