@@ -226,3 +226,23 @@ def test_launcher_dry_run_prints_the_plan_and_checks_it():
     assert r.returncode == 2 and "node_rank=2" in r.stderr
     r = _launcher("--worker_num", "16", "--local_worker_num", "8", "--dry-run")
     assert r.returncode == 2 and "--master_addr" in r.stderr
+
+
+def test_ascend_plan_reaches_the_model_config():
+    """The plan's layout, recompute, bf16 and flash attention reach MindFormers' Qwen3Config (config only, no build);
+    the CPU plan of the same run is fp32 without a parallel config."""
+    from recast_ms.models.qwen3 import build_qwen3_config
+
+    c = cfg(path=ascend_run("8b"))
+    kw = dict(vocab_size=151936, seq_length=64, pad_token_id=151643, eos_token_id=151645)
+    plan = plan_runtime(c, "Ascend", 8)
+    conf = build_qwen3_config("qwen3_8b.yaml", device_target="Ascend", parallel_config=plan.parallel_config,
+                              recompute_config=plan.recompute_config, **kw)
+    pc = conf.parallel_config
+    assert (pc.data_parallel, pc.model_parallel, pc.pipeline_stage) == (2, 4, 1) and pc.recompute.recompute is True
+    assert conf.compute_dtype == "bfloat16" and conf.use_flash_attention is True
+    conf = build_qwen3_config("qwen3_8b.yaml", device_target="Ascend", recompute_config={"recompute": False},
+                              parallel_config=plan.parallel_config, **kw)
+    assert conf.parallel_config.recompute.recompute is False
+    conf = build_qwen3_config("qwen3_8b.yaml", device_target="CPU", **kw)
+    assert conf.compute_dtype == "float32" and conf.use_flash_attention is False
