@@ -246,3 +246,16 @@ def test_ascend_plan_reaches_the_model_config():
     assert conf.parallel_config.recompute.recompute is False
     conf = build_qwen3_config("qwen3_8b.yaml", device_target="CPU", **kw)
     assert conf.compute_dtype == "float32" and conf.use_flash_attention is False
+
+
+def test_init_runtime_applies_the_cpu_plan_and_stops_on_unwritten_ascend_parts(monkeypatch):
+    from recast_ms.models import cpu_compat
+    from recast_ms.trainer import setup
+
+    plan = setup.init_runtime(cfg("runtime.device_target=CPU"))
+    assert plan.device_target == "CPU" and setup.current_plan() is plan and cpu_compat.cpu_patches_applied()
+    # several Ascend ranks: the plan is made, then the unwritten training step / rollout engine are named
+    monkeypatch.delenv("RECAST_ASCEND_CONTEXT_ONLY", raising=False)
+    with pytest.raises(NotImplementedError, match="semi-auto-parallel training step .*mindformers_infer"):
+        setup.init_runtime(cfg(path=ascend_run("8b")), 8)
+    assert setup.current_plan() is plan  # nothing was applied
