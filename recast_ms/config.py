@@ -1,6 +1,6 @@
 """Run configuration: validated dataclasses, YAML loading, command-line overrides.
 
-Two levels, as in MindRLHF: a run YAML (data / sft / rl / eval sections) names a MindFormers model
+Two levels, as in MindRLHF: a run YAML (data / sft / rl / eval / runtime sections) names a MindFormers model
 YAML in ``model_configs/`` by path. Keys are identical in YAML, dataclass and command line
 (``rl.group_size=32``). An unknown key anywhere is an error that names it; bad values are rejected
 in ``__post_init__`` with the reason.
@@ -142,6 +142,39 @@ class EvalConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    """Device and parallel layout of a run (``runtime:`` section); resolved by ``recast_ms.runtime.plan_runtime``.
+
+    ``device_target``: ``auto`` (Ascend when MindSpore can use it, else CPU; logged), ``CPU`` or ``Ascend``.
+    The layout keys default to the model YAML's ``parallel_config`` / ``recompute_config`` / ``parallel``
+    sections (0 or ``auto`` = take the YAML's); a value here overrides it. ``data_parallel = 0`` takes the
+    YAML's DP when DP x TP x PP equals the world size, else world / (TP x PP). On CPU only data parallel
+    exists (msrun ranks, gradients all-reduced in the optimizer cell): TP or PP > 1 on CPU is an error.
+    ``world_size``: the device count the run is meant for (0 = whatever msrun gives); a mismatch is an error.
+    """
+    device_target: str = "auto"  # auto | CPU | Ascend
+    data_parallel: int = 0
+    model_parallel: int = 0
+    pipeline_stage: int = 0
+    micro_batch_num: int = 0  # pipeline micro-batches (pipeline_stage > 1)
+    optimizer_parallel: str = "auto"  # auto (the model YAML's parallel.enable_parallel_optimizer) | true | false
+    recompute: str = "auto"  # auto (the model YAML's recompute_config.recompute) | true | false
+    world_size: int = 0
+
+    def __post_init__(self):
+        dev = str(self.device_target).strip()
+        canon = {"auto": "auto", "cpu": "CPU", "ascend": "Ascend"}
+        _require(dev.lower() in canon, f"runtime.device_target must be auto, CPU or Ascend, got {self.device_target!r}")
+        self.device_target = canon[dev.lower()]
+        for key in ("data_parallel", "model_parallel", "pipeline_stage", "micro_batch_num", "world_size"):
+            _require(getattr(self, key) >= 0, f"runtime.{key} must be >= 0 (0 = from the model YAML), got {getattr(self, key)}")
+        for key in ("optimizer_parallel", "recompute"):
+            val = str(getattr(self, key)).strip().lower()
+            _require(val in ("auto", "true", "false"), f"runtime.{key} must be auto, true or false, got {getattr(self, key)!r}")
+            setattr(self, key, val)
+
+
+@dataclass
 class RunConfig:
     model_config: str = "model_configs/qwen3_tiny.yaml"
     # a Hugging Face Qwen3 checkpoint directory (config.json, safetensors, tokenizer.json) to start
@@ -157,6 +190,7 @@ class RunConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self):
         _require(self.seq_length >= 8, "seq_length must be >= 8")

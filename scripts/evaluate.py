@@ -42,7 +42,7 @@ def main():
     path = args.checkpoint or ckpt.latest_checkpoint(args.run_dir)
     if path is None:
         sys.exit(f"no checkpoint in {args.run_dir}/checkpoints")
-    init_runtime()
+    init_runtime(cfg)
     quiet_mindformers()
     model = build_model(cfg, tok, seed=cfg.seed)
     tensors, meta = ckpt.load_state(path)

@@ -2,10 +2,21 @@
 # Data-parallel RL under MindSpore's msrun, on one host (CPU workers over loopback).
 #
 #   scripts/launch_msrun.sh [--workers N] [--port P] [--addr A] [--log-dir DIR] [--script PATH] [--] ARGS...
+#   multi-node: [--worker_num N] [--local_worker_num L] [--node_rank R] [--master_addr A] [--master_port P]
+#   [--dry-run]
 #
 #   --workers N    number of workers (ranks), all on this host (default 2)
 #   --port P       msrun scheduler port (default: a free port picked now)
 #   --addr A       scheduler address (default 127.0.0.1)
+#   --worker_num N        total ranks over all nodes (same as --workers)
+#   --local_worker_num L  ranks on this node (default: worker_num, i.e. one node)
+#   --node_rank R         this node's index, 0..nodes-1 (default 0; msrun's own default -1 = assigned)
+#   --master_addr A       the scheduler's address, reachable from every node (same as --addr)
+#   --master_port P       same as --port (multi-node: give it, every node must use the same)
+#   --dry-run      print the msrun command and the resolved runtime plan (scripts/show_plan.py: device,
+#                  DP x TP x PP, parallel context, dtypes, patches, rollout engine) and exit; exit 1 when
+#                  the layout or the batch does not fit worker_num ranks. Needs no msrun.
+#   (hyphenated spellings --worker-num, --local-worker-num, --node-rank, --master-addr work too)
 #   --log-dir DIR  msrun's scheduler.log / worker_<rank>.log (default runs/msrun_logs/<date-time>)
 #   --script PATH  the worker script (default scripts/train_rl.py)
 #   ARGS           passed to the script unchanged; for scripts/train_rl.py `--distributed` is added
@@ -43,6 +54,9 @@ ADDR=127.0.0.1
 LOG_DIR=""
 SCRIPT="$ROOT/scripts/train_rl.py"
 PYTHON="${PYTHON:-python}"
+LOCAL_WORKERS=""
+NODE_RANK=0
+DRY_RUN=0
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 die() { echo "launch_msrun.sh: $*" >&2; exit 2; }
@@ -51,20 +65,38 @@ value() { [[ $# -ge 2 && -n "$2" && "$2" != -* ]] || die "$1 needs a value (see 
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --workers) value "$@"; WORKERS="$2"; shift 2 ;;
-    --port) value "$@"; PORT="$2"; shift 2 ;;
-    --addr) value "$@"; ADDR="$2"; shift 2 ;;
+    --workers|--worker_num|--worker-num) value "$@"; WORKERS="$2"; shift 2 ;;
+    --local_worker_num|--local-worker-num) value "$@"; LOCAL_WORKERS="$2"; shift 2 ;;
+    --node_rank|--node-rank) value "$@"; NODE_RANK="$2"; shift 2 ;;
+    --port|--master_port|--master-port) value "$@"; PORT="$2"; shift 2 ;;
+    --addr|--master_addr|--master-addr) value "$@"; ADDR="$2"; shift 2 ;;
+    --dry-run) DRY_RUN=1; shift ;;
     --log-dir) value "$@"; LOG_DIR="$2"; shift 2 ;;
     --script) value "$@"; SCRIPT="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;
-    -*) die "unknown option '$1' (launcher options: --workers --port --addr --log-dir --script; arguments for the script go after --)" ;;
+    -*) die "unknown option '$1' (launcher options: --workers --local_worker_num --node_rank --port --addr --dry-run --log-dir --script; arguments for the script go after --)" ;;
     *) break ;;
   esac
 done
 
-command -v msrun >/dev/null 2>&1 || die "msrun not found on PATH (it comes with mindspore)"
 [[ "$WORKERS" =~ ^[1-9][0-9]*$ ]] || die "--workers must be a positive integer, got '$WORKERS'"
+LOCAL_WORKERS="${LOCAL_WORKERS:-$WORKERS}"
+[[ "$LOCAL_WORKERS" =~ ^[1-9][0-9]*$ ]] || die "--local_worker_num must be a positive integer, got '$LOCAL_WORKERS'"
+[[ "$NODE_RANK" =~ ^[0-9]+$ ]] || die "--node_rank must be a non-negative integer, got '$NODE_RANK'"
+(( LOCAL_WORKERS <= WORKERS && WORKERS % LOCAL_WORKERS == 0 )) \
+  || die "worker_num=$WORKERS must be a multiple of local_worker_num=$LOCAL_WORKERS"
+(( NODE_RANK < WORKERS / LOCAL_WORKERS )) \
+  || die "node_rank=$NODE_RANK but worker_num/local_worker_num = $((WORKERS / LOCAL_WORKERS)) nodes"
+if (( WORKERS != LOCAL_WORKERS )) && [[ -z "$PORT" || "$ADDR" == 127.0.0.1 ]]; then
+  die "a multi-node launch needs --master_addr (reachable from every node) and --master_port"
+fi
+if [[ $DRY_RUN == 1 ]]; then
+  echo "launch_msrun.sh (dry run): msrun --worker_num=$WORKERS --local_worker_num=$LOCAL_WORKERS --node_rank=$NODE_RANK" \
+       "--master_addr=$ADDR --master_port=${PORT:-<free port>} --join=True $SCRIPT $*"
+  exec "$PYTHON" "$ROOT/scripts/show_plan.py" --world-size "$WORKERS" "$@"
+fi
+command -v msrun >/dev/null 2>&1 || die "msrun not found on PATH (it comes with mindspore)"
 case "$(basename "$SCRIPT")" in
   sft.py) die "scripts/sft.py is single-process (no data-parallel path); run it directly" ;;
 esac
@@ -171,10 +203,10 @@ failure() {  # the first sign that the job cannot succeed, as one line; silent (
   return 1
 }
 
-echo "launch_msrun.sh: $WORKERS workers, master $ADDR:$PORT, logs in $LOG_DIR" >&2
+echo "launch_msrun.sh: $WORKERS workers ($LOCAL_WORKERS on node $NODE_RANK), master $ADDR:$PORT, logs in $LOG_DIR" >&2
 status=0
-msrun --worker_num="$WORKERS" --local_worker_num="$WORKERS" --master_addr="$ADDR" --master_port="$PORT" \
-  --join=True --log_dir="$LOG_DIR" "$SCRIPT" "${ARGS[@]+"${ARGS[@]}"}" >"$LOG_DIR/msrun.log" 2>&1 &
+msrun --worker_num="$WORKERS" --local_worker_num="$LOCAL_WORKERS" --node_rank="$NODE_RANK" --master_addr="$ADDR" \
+  --master_port="$PORT" --join=True --log_dir="$LOG_DIR" "$SCRIPT" "${ARGS[@]+"${ARGS[@]}"}" >"$LOG_DIR/msrun.log" 2>&1 &
 MSRUN_PID=$!
 reason=""
 while kill -0 "$MSRUN_PID" 2>/dev/null; do

@@ -36,9 +36,10 @@ def main():
     cfg = load_config(args.config or init_cfg, args.overrides)
     rank, world = 0, 1
     if args.distributed:
+        from recast_ms.runtime import resolve_device
         from recast_ms.trainer.distributed import init_data_parallel
 
-        rank, world = init_data_parallel()
+        rank, world = init_data_parallel(resolve_device(cfg.runtime.device_target)[0])
     init_ckpt = ckpt.latest_checkpoint(args.init)
     run_dir = args.run_dir
     trainer = RLTrainer(cfg, run_dir, init_ckpt, os.path.join(args.init, "tokenizer"), rank=rank, world_size=world)

@@ -36,7 +36,9 @@ logger = logging.getLogger(__name__)
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "model_configs"
 
-TOP_LEVEL_KEYS = frozenset({"model", "parallel_config", "recompute_config"})
+# ``parallel``: MindFormers' set_auto_parallel_context section (keys in recast_ms.runtime.PARALLEL_SECTION_KEYS),
+# read by the runtime plan, not by the model build
+TOP_LEVEL_KEYS = frozenset({"model", "parallel_config", "recompute_config", "parallel"})
 MODEL_SECTION_KEYS = frozenset({"model_config"})
 
 # settings without a CPU implementation, and the value the CPU build uses instead
@@ -63,12 +65,15 @@ def _mode_name(mode: Union[int, str]) -> str:
 
 def build_context(device_target: str = "CPU", mode: Union[int, str] = ms.GRAPH_MODE, *,
                   parallel: Optional[dict] = None, postprocess_use_numpy: bool = True,
-                  run_mode: str = "train", **context):
+                  run_mode: str = "train", use_parallel: bool = False, parallel_config: Optional[dict] = None,
+                  **context):
     """Build MindFormers' (singleton) context for the training-graph Qwen3.
 
     ``use_legacy: False`` selects the training-graph model (the legacy path fails on this model);
     ``postprocess_use_numpy`` makes ``generate()`` sample on the host (its ``mint.topk`` has no CPU kernel).
-    Extra keyword arguments go to the ``context`` section (MindSpore ``set_context`` keys). A second call with
+    Extra keyword arguments go to the ``context`` section (MindSpore ``set_context`` keys). ``use_parallel`` /
+    ``parallel`` / ``parallel_config`` are MindFormers' own sections (with ``use_parallel`` MindFormers runs
+    ``communication.init()`` and ``set_auto_parallel_context(**parallel)``): the runtime plan's on Ascend. A second call with
     the same device target returns the existing context; a different one raises ``RuntimeError``.
     On CPU the :mod:`cpu_compat` patches are applied.
     """
@@ -85,6 +90,8 @@ def build_context(device_target: str = "CPU", mode: Union[int, str] = ms.GRAPH_M
         config = {
             "context": {"mode": _mode_name(mode), "device_target": device_target, **context},
             "parallel": dict(parallel or {}),
+            "use_parallel": bool(use_parallel),
+            "parallel_config": dict(parallel_config or {}),
             "use_legacy": False,
             "run_mode": run_mode,
             "postprocess_use_numpy": postprocess_use_numpy,
@@ -140,6 +147,8 @@ def load_model_yaml(model_yaml: Union[str, Path, dict]) -> dict:
     _reject_unknown(f"{source} 'model.model_config'", raw["model"]["model_config"], _allowed_model_config_keys())
     _reject_unknown(f"{source} 'parallel_config'", raw.get("parallel_config") or {}, _allowed_parallel_keys())
     _reject_unknown(f"{source} 'recompute_config'", raw.get("recompute_config") or {}, _allowed_recompute_keys())
+    from recast_ms.runtime import PARALLEL_SECTION_KEYS  # pylint: disable=import-outside-toplevel
+    _reject_unknown(f"{source} 'parallel'", raw.get("parallel") or {}, PARALLEL_SECTION_KEYS)
     return raw
 
 
@@ -153,11 +162,12 @@ def build_qwen3_config(model_yaml: Union[str, Path, dict], *, vocab_size: Option
                        seq_length: Optional[int] = None, pad_token_id: Optional[int] = None,
                        eos_token_id: Optional[Union[int, Sequence[int]]] = None,
                        parallel_config: Optional[dict] = None, device_target: Optional[str] = None,
-                       **model_overrides):
+                       recompute_config: Optional[dict] = None, **model_overrides):
     """The ``Qwen3Config`` of a model YAML with run-time values filled in; builds no model.
 
     ``vocab_size``/``seq_length``/``pad_token_id``/``eos_token_id`` and ``model_overrides`` replace the YAML's
-    ``model_config`` values; ``parallel_config`` replaces its ``parallel_config`` section. On a CPU
+    ``model_config`` values; ``parallel_config`` / ``recompute_config`` replace its sections (the runtime plan's,
+    ``recast_ms.runtime.plan_runtime``). On a CPU
     ``device_target`` (default: the MindSpore context's) the CPU overrides are applied and the YAML's
     ``parallel_config``/``recompute_config`` (Ascend layouts) are dropped: CPU data parallelism under msrun is
     opt-in, ``parallel_config={"data_parallel": N}``.
@@ -171,7 +181,8 @@ def build_qwen3_config(model_yaml: Union[str, Path, dict], *, vocab_size: Option
     model_config.update({key: value for key, value in runtime.items() if value is not None})
     parallel = dict(raw.get("parallel_config") or {}) if parallel_config is None else dict(parallel_config)
     _reject_unknown("parallel_config", parallel, _allowed_parallel_keys())
-    recompute = dict(raw.get("recompute_config") or {})
+    recompute = dict(raw.get("recompute_config") or {}) if recompute_config is None else dict(recompute_config)
+    _reject_unknown("recompute_config", recompute, _allowed_recompute_keys())
 
     if device_target is None:
         device_target = ms.get_context("device_target")
@@ -213,7 +224,7 @@ def build_qwen3_config(model_yaml: Union[str, Path, dict], *, vocab_size: Option
 def build_qwen3(model_yaml: Union[str, Path, dict], *, vocab_size: Optional[int] = None,
                 seq_length: Optional[int] = None, pad_token_id: Optional[int] = None,
                 eos_token_id: Optional[Union[int, Sequence[int]]] = None, parallel_config: Optional[dict] = None,
-                seed: Optional[int] = None, **model_overrides):
+                seed: Optional[int] = None, recompute_config: Optional[dict] = None, **model_overrides):
     """Build MindFormers' ``TrainingQwen3ForCausalLM`` from a model YAML (path, file name in
     ``model_configs/``, or dict).
 
@@ -230,7 +241,8 @@ def build_qwen3(model_yaml: Union[str, Path, dict], *, vocab_size: Optional[int]
     device_target = ms.get_context("device_target")
     config = build_qwen3_config(model_yaml, vocab_size=vocab_size, seq_length=seq_length,
                                 pad_token_id=pad_token_id, eos_token_id=eos_token_id,
-                                parallel_config=parallel_config, device_target=device_target, **model_overrides)
+                                parallel_config=parallel_config, device_target=device_target,
+                                recompute_config=recompute_config, **model_overrides)
     cpu_compat.apply_cpu_patches(device_target)
     if seed is not None:
         ms.set_seed(seed)

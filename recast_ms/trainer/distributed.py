@@ -16,10 +16,14 @@ from __future__ import annotations
 from typing import Tuple
 
 
-def init_data_parallel() -> Tuple[int, int]:
+def init_data_parallel(device_target: str = "CPU") -> Tuple[int, int]:
+    """``communication.init()`` on ``device_target`` (the run's resolved ``runtime.device_target``); returns
+    (rank, world size). On CPU this is the data-parallel path above. On Ascend (written, not executed here)
+    the same call comes first, then ``init_runtime`` builds MindFormers' context with ``use_parallel`` and the
+    semi-auto-parallel layout of the runtime plan (MindFormers' second ``init()`` only warns on Ascend)."""
     import mindspore as ms
     from mindspore.communication import get_group_size, get_rank, init
 
-    ms.set_device("CPU")
+    ms.set_device(device_target)
     init()
     return get_rank(), get_group_size()

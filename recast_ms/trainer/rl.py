@@ -124,7 +124,7 @@ class RLTrainer:
                 check_compatible(init_cfg, cfg, f"--init checkpoint {init_checkpoint}")
         self.splits = load_splits(cfg.data)
         self.tok = get_tokenizer(self.splits, tokenizer_dir, cfg)
-        init_runtime()
+        init_runtime(cfg, world_size)
         self.model = build_model(cfg, self.tok, seed=cfg.seed)
         if init_checkpoint:
             tensors, _ = ckpt.load_state(init_checkpoint)

@@ -57,25 +57,65 @@ def get_tokenizer(splits: Splits, tokenizer_dir: str, cfg: RunConfig, *, reuse: 
     return tok
 
 
-def init_runtime(device_target: str = "CPU", parallel: Optional[dict] = None):
+_PLAN = None  # the RuntimePlan applied by init_runtime (read by build_model)
+
+
+def current_plan():
+    """The :class:`recast_ms.runtime.RuntimePlan` of this process (None before ``init_runtime``)."""
+    return _PLAN
+
+
+def init_runtime(cfg_or_device=None, world_size: int = 1, parallel: Optional[dict] = None):
+    """Set up MindSpore + MindFormers for a run; returns the applied :class:`recast_ms.runtime.RuntimePlan`.
+
+    With a :class:`RunConfig`: its ``runtime`` section chooses the device (``auto`` resolved and logged) and the
+    layout (``recast_ms.runtime.plan_runtime`` for ``world_size`` ranks). With a device string (or None = CPU):
+    the default runtime section on that device (tests, benches). CPU: stand-alone mode, CPU patches, fp32.
+    Ascend: MindFormers' context with the plan's ``use_parallel`` / ``parallel`` / ``parallel_config``
+    (semi-auto-parallel under msrun; written for Ascend, not executed here: no CANN).
+    """
+    global _PLAN  # pylint: disable=global-statement
     import mindspore as ms
 
-    from recast_ms.models.qwen3 import build_context
-
     from recast_ms.cli import quiet_mindformers
+    from recast_ms.config import RunConfig
+    from recast_ms.models.qwen3 import build_context
+    from recast_ms.runtime import plan_from_config, plan_runtime
 
-    try:
-        ms.set_device(device_target)
-    except RuntimeError as err:
-        # under msrun ``communication.init()`` has already fixed the device with a negotiated device id
-        # (the rank's); setting it again with the default id 0 raises. The same target is fine.
-        # The same holds once any kernel ran in this process (e.g. an earlier test): the runtime is fixed.
-        already = "can not be modified" in str(err) or "runtime has been initialized" in str(err)
-        if not already or ms.get_context("device_target").upper() != device_target.upper():
-            raise
-    ctx = build_context(device_target, ms.GRAPH_MODE, parallel=parallel)
+    if isinstance(cfg_or_device, RunConfig):
+        plan, why = plan_from_config(cfg_or_device, world_size)
+        logger.info("device %s (%s); layout DP x TP x PP = %d x %d x %d; rollout engine %s", plan.device_target, why,
+                    plan.layout.data_parallel, plan.layout.model_parallel, plan.layout.pipeline_stage,
+                    plan.rollout_engine)
+        for note in plan.notes:
+            logger.info("runtime plan: %s", note)
+    else:
+        plan = plan_runtime(RunConfig(), cfg_or_device or "CPU", world_size)
+    device_target = plan.device_target
+    if device_target == "CPU":
+        try:
+            ms.set_device(device_target)
+        except RuntimeError as err:
+            # under msrun ``communication.init()`` has already fixed the device with a negotiated device id
+            # (the rank's); setting it again with the default id 0 raises. The same target is fine.
+            # The same holds once any kernel ran in this process (e.g. an earlier test): the runtime is fixed.
+            already = "can not be modified" in str(err) or "runtime has been initialized" in str(err)
+            if not already or ms.get_context("device_target").upper() != device_target.upper():
+                raise
+        build_context(device_target, ms.GRAPH_MODE, parallel=parallel)
+    else:  # Ascend: MindFormers' own parallel machinery (communication init, set_auto_parallel_context)
+        if plan.use_parallel and not os.environ.get("RECAST_ASCEND_CONTEXT_ONLY"):
+            raise NotImplementedError(
+                f"Ascend with {plan.world_size} ranks: the runtime plan, context and model layout are written, but the "
+                f"semi-auto-parallel training step ({plan.train_wrapper}) and the rollout engine "
+                f"'{plan.rollout_engine}' are not (README 'On Ascend'). RECAST_ASCEND_CONTEXT_ONLY=1 builds the "
+                "context and the model only.")
+        extra = {k: v for k, v in plan.context.items() if k not in ("mode", "device_target")}
+        build_context(device_target, ms.GRAPH_MODE, parallel=plan.parallel, use_parallel=plan.use_parallel,
+                      parallel_config=plan.parallel_config, **extra)
     quiet_mindformers()
-    return ctx
+    _PLAN = plan
+    return plan
 
 
 def quiet_stdout():
@@ -101,9 +141,13 @@ def build_model(cfg: RunConfig, tokenizer, seed: int):
             return load_hf_qwen3(cfg.hf_checkpoint, seq_length=cfg.seq_length, vocab_size=vocab,
                                  pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id,
                                  new_token_ids=range(base, vocab), init_seed=seed)
+    plan = _PLAN
+    layout = {}
+    if plan is not None and plan.device_target != "CPU":  # Ascend: the plan's layout and recompute
+        layout = {"parallel_config": plan.parallel_config, "recompute_config": plan.recompute_config}
     with quiet_stdout():
         return build_qwen3(cfg.model_config_path, vocab_size=vocab, seq_length=cfg.seq_length,
-                           pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id, seed=seed)
+                           pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id, seed=seed, **layout)
 
 
 def response_len(splits: Splits) -> int:

@@ -102,7 +102,7 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
     tok_dir = os.path.join(run_dir, "tokenizer")
     # the tokenizer belongs to the run: reused on resume, made anew (and saved with config.yaml) otherwise
     tok = get_tokenizer(splits, tok_dir, cfg, reuse=bool(last), save=False)
-    init_runtime()
+    init_runtime(cfg)
     model = build_model(cfg, tok, seed=cfg.seed)
     train_ids, train_start, train_mask = encode_split(splits.train, splits, tok, cfg)
     n_val = min(len(splits.valid), 4 * s.batch_size)

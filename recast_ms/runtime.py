@@ -1,0 +1,341 @@
+"""The runtime plan: from (run config, device, world size) to every device-dependent setting of a run.
+
+:func:`plan_runtime` is a pure function (it reads the model YAML, nothing else; no MindSpore context is
+touched): it returns a :class:`RuntimePlan` holding the MindSpore / MindFormers context settings, the
+parallel layout (MindFormers ``parallel_config`` + ``recompute_config``, the ``parallel`` section that goes
+to ``set_auto_parallel_context``), dtypes, the CPU patches, the training wrapper and the rollout engine.
+:func:`resolve_device` turns ``runtime.device_target: auto`` into CPU or Ascend (the only part that asks
+MindSpore). ``recast_ms.trainer.setup.init_runtime`` applies a plan; ``scripts/launch_msrun.sh --dry-run``
+prints one.
+
+Two worlds, kept explicit:
+
+* **CPU** (executed here): stand-alone parallel mode, fp32, the CPU patches of
+  :mod:`recast_ms.models.cpu_compat`, data parallel only (msrun ranks, each rolling out its own prompts; the
+  optimizer cell all-reduces the accumulated gradients). Model / pipeline parallel are refused: MindSpore
+  2.9 on CPU rejects ``SEMI_AUTO_PARALLEL`` under msrun ("Invalid backend: CPU").
+* **Ascend** (written, not executed: no CANN here): MindFormers' own machinery, as in its Qwen3 YAMLs and
+  MindRLHF: ``use_parallel`` + ``parallel_mode: semi_auto_parallel`` (MindFormers' ``build_context`` calls
+  ``communication.init()`` and ``set_auto_parallel_context``), ``TransformerOpParallelConfig`` DP x TP x PP
+  from the model YAML, optimizer parallel (``enable_parallel_optimizer``), the YAML's recompute, bf16
+  compute and flash attention, no CPU patches. ``full_batch: True``: every rank feeds the same global
+  micro-batch and the framework slices it by DP, so the actor batch ``[2P, T]`` (boundary estimators) or
+  ``[P*G, T]`` (GRPO) and its micro-batches must be divisible by DP (x pipeline micro-batches).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+DEVICES = ("CPU", "Ascend")
+BOUNDARY_ESTIMATORS = ("recast", "boundary_only", "recast_adaptive")
+# names of recast_ms.models.cpu_compat.PATCH_TARGETS (kept equal by tests/test_runtime_plan.py; listed here
+# so that planning needs no MindSpore import)
+CPU_PATCHES = ("rms_norm", "rope_outer", "core_attention", "dropout_layer", "dropout_embedding", "embedding")
+FP32_DTYPES = {"params_dtype": "float32", "compute_dtype": "float32", "layernorm_compute_dtype": "float32",
+               "softmax_compute_dtype": "float32", "rotary_dtype": "float32"}
+# MindFormers' Qwen3 training YAML (configs/qwen3/finetune_qwen3.yaml, mindformers 1.9.0) on 64 GB devices
+ASCEND_CONTEXT = {"max_device_memory": "58GB", "memory_optimize_level": "O0", "jit_config": {"jit_level": "O0"}}
+# the ``parallel`` section keys a model YAML may hold (MindFormers' names, passed to set_auto_parallel_context)
+PARALLEL_SECTION_KEYS = frozenset({"enable_parallel_optimizer", "parallel_optimizer_config", "gradients_mean",
+                                   "enable_alltoall", "search_mode", "strategy_ckpt_config"})
+
+
+class PlanError(ValueError):
+    """The run configuration cannot run on this device / world size; the message names the numbers."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    data_parallel: int
+    model_parallel: int
+    pipeline_stage: int
+    micro_batch_num: int
+    optimizer_parallel: bool
+    recompute: bool
+
+    @property
+    def devices(self) -> int:
+        return self.data_parallel * self.model_parallel * self.pipeline_stage
+
+
+@dataclass
+class RuntimePlan:
+    device_target: str
+    world_size: int
+    layout: Layout
+    context: Dict[str, Any]  # MindFormers build_context 'context' section (MindSpore set_context keys)
+    use_parallel: bool  # MindFormers' use_parallel: it then runs communication.init() itself
+    parallel: Dict[str, Any]  # MindFormers 'parallel' section -> mindspore set_auto_parallel_context
+    parallel_config: Dict[str, Any]  # TransformerOpParallelConfig kwargs given to build_qwen3 ({} = none)
+    recompute_config: Dict[str, Any]  # TransformerRecomputeConfig kwargs ({} = none)
+    dtypes: Dict[str, str]
+    use_flash_attention: bool
+    cpu_patches: Tuple[str, ...]
+    gradient_reduction: str
+    train_wrapper: str
+    rollout_engine: str
+    rollout_reason: str
+    actor_batch: Dict[str, int]
+    notes: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layout"]["devices"] = self.layout.devices
+        d["cpu_patches"] = list(self.cpu_patches)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- model YAML
+
+
+def read_model_yaml(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f)
+    if not isinstance(raw, dict) or not isinstance((raw.get("model") or {}).get("model_config"), dict):
+        raise ValueError(f"{path}: expected a mapping with 'model: model_config: {{...}}'")
+    return raw
+
+
+def model_shape(model_yaml: dict, hf_checkpoint: str = "") -> Dict[str, int]:
+    """Heads, KV heads and layers of the model (a HF checkpoint's ``config.json`` wins over the YAML)."""
+    mc = dict(model_yaml["model"]["model_config"])
+    if hf_checkpoint and os.path.exists(os.path.join(hf_checkpoint, "config.json")):
+        with open(os.path.join(hf_checkpoint, "config.json"), encoding="utf-8") as f:
+            mc.update(json.load(f))
+    return {"num_attention_heads": int(mc["num_attention_heads"]),
+            "num_key_value_heads": int(mc.get("num_key_value_heads") or mc["num_attention_heads"]),
+            "num_hidden_layers": int(mc["num_hidden_layers"])}
+
+
+def yaml_layout(model_yaml: dict) -> Layout:
+    """The layout a model YAML declares (its ``parallel_config``, ``recompute_config``, ``parallel``)."""
+    pc = model_yaml.get("parallel_config") or {}
+    rc = model_yaml.get("recompute_config") or {}
+    par = model_yaml.get("parallel") or {}
+    return Layout(int(pc.get("data_parallel", 1)), int(pc.get("model_parallel", 1)), int(pc.get("pipeline_stage", 1)),
+                  int(pc.get("micro_batch_num", 1)), bool(par.get("enable_parallel_optimizer", False)),
+                  bool(rc.get("recompute", False)))
+
+
+def check_layout(shape: Dict[str, int], layout: Layout, devices: Optional[int] = None, where: str = "") -> None:
+    """Raise :class:`PlanError` unless heads and KV heads divide by TP, layers by PP and (when ``devices`` is
+    given) DP x TP x PP equals the device count. The message names the numbers."""
+    pre = f"{where}: " if where else ""
+    tp, pp = layout.model_parallel, layout.pipeline_stage
+    if min(layout.data_parallel, tp, pp, layout.micro_batch_num) < 1:
+        raise PlanError(f"{pre}every parallel degree must be >= 1, got {layout}")
+    for key in ("num_attention_heads", "num_key_value_heads"):
+        if shape[key] % tp:
+            raise PlanError(f"{pre}{key}={shape[key]} is not divisible by model_parallel={tp}")
+    if shape["num_hidden_layers"] % pp:
+        raise PlanError(f"{pre}num_hidden_layers={shape['num_hidden_layers']} is not divisible by pipeline_stage={pp}")
+    if pp > 1 and layout.micro_batch_num < pp:
+        raise PlanError(f"{pre}micro_batch_num={layout.micro_batch_num} < pipeline_stage={pp}: the pipeline "
+                        "would idle (MindFormers needs micro_batch_num >= pipeline_stage)")
+    if devices is not None and layout.devices != devices:
+        raise PlanError(f"{pre}data_parallel x model_parallel x pipeline_stage = {layout.data_parallel} x {tp} x {pp} "
+                        f"= {layout.devices} != {devices} devices")
+
+
+# ----------------------------------------------------------------------------- device
+
+
+def resolve_device(requested: str) -> Tuple[str, str]:
+    """``auto`` -> ``Ascend`` when MindSpore's Ascend backend is usable, else ``CPU``; returns (device, reason)."""
+    req = {"auto": "auto", "cpu": "CPU", "ascend": "Ascend"}.get(str(requested).lower())
+    if req is None:
+        raise ValueError(f"device_target must be auto, CPU or Ascend, got {requested!r}")
+    if req != "auto":
+        return req, "runtime.device_target"
+    import mindspore as ms  # pylint: disable=import-outside-toplevel
+
+    ms_logger = logging.getLogger("mindspore")
+    level = ms_logger.level
+    ms_logger.setLevel(logging.ERROR)  # is_available() warns about the missing plugin on every call
+    try:
+        ascend = bool(ms.device_context.ascend.is_available())
+    finally:
+        ms_logger.setLevel(level)
+    if ascend:
+        return "Ascend", "auto: MindSpore's Ascend backend is available"
+    return "CPU", "auto: MindSpore's Ascend backend is not available (no CANN), using CPU"
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def _tri(value: str, default: bool) -> bool:
+    return default if value == "auto" else value == "true"
+
+
+def actor_batch(cfg) -> Dict[str, int]:
+    """Rows of the actor batch for the run's estimator (``[2P, T]`` or ``[P*G, T]``) and its micro-batches."""
+    r = cfg.rl
+    rows = 2 * r.prompts_per_step if r.estimator in BOUNDARY_ESTIMATORS else r.prompts_per_step * r.group_size
+    micro = min(r.micro_batch_size, rows)
+    return {"rows": rows, "micro_batch_rows": micro, "num_micro_batches": -(-rows // micro),
+            "rollout_rows": r.prompts_per_step * r.group_size, "seq_length": cfg.seq_length}
+
+
+def check_batch(cfg, layout: Layout) -> None:
+    """Ascend under semi-auto-parallel: the global actor batch, each micro-batch and the rollout batch are
+    sliced by DP (x pipeline micro-batches); raise :class:`PlanError` naming the numbers otherwise."""
+    b, r = actor_batch(cfg), cfg.rl
+    dp = layout.data_parallel
+    split = dp * (layout.micro_batch_num if layout.pipeline_stage > 1 else 1)
+    what = "[2P, T] = [2 x {}, T]".format(r.prompts_per_step) if r.estimator in BOUNDARY_ESTIMATORS \
+        else "[P*G, T] = [{} x {}, T]".format(r.prompts_per_step, r.group_size)
+    if b["rows"] % b["micro_batch_rows"]:
+        raise PlanError(f"rl.estimator={r.estimator}: actor batch {what} has {b['rows']} rows, not a multiple of "
+                        f"the micro-batch min(rl.micro_batch_size={r.micro_batch_size}, rows) = {b['micro_batch_rows']}")
+    if b["micro_batch_rows"] % split:
+        detail = f"data_parallel={dp}" + (f" x micro_batch_num={layout.micro_batch_num}" if split != dp else "")
+        raise PlanError(f"rl.estimator={r.estimator}: actor micro-batch of {b['micro_batch_rows']} rows (batch {what}, "
+                        f"rl.micro_batch_size={r.micro_batch_size}) is not divisible by {detail} = {split}")
+    if b["rollout_rows"] % dp:
+        raise PlanError(f"rollout batch P*G = {r.prompts_per_step} x {r.group_size} = {b['rollout_rows']} rows is not "
+                        f"divisible by data_parallel={dp}")
+
+
+def plan_runtime(cfg, device_target: str, world_size: int, model_yaml: Optional[dict] = None) -> RuntimePlan:
+    """The full runtime plan of run config ``cfg`` on ``device_target`` (``CPU`` or ``Ascend``, already resolved)
+    with ``world_size`` ranks. Pure: reads the model YAML (``model_yaml`` dict, default ``cfg.model_config``).
+    Raises :class:`PlanError` naming the numbers when the layout or the batch does not fit."""
+    if device_target not in DEVICES:
+        raise ValueError(f"device_target must be one of {DEVICES} (resolve 'auto' with resolve_device), "
+                         f"got {device_target!r}")
+    if world_size < 1:
+        raise PlanError(f"world_size must be >= 1, got {world_size}")
+    rt = cfg.runtime
+    if rt.world_size and rt.world_size != world_size:
+        raise PlanError(f"runtime.world_size={rt.world_size} but the launch gives {world_size} ranks")
+    raw = model_yaml if model_yaml is not None else read_model_yaml(cfg.model_config_path)
+    mc = raw["model"]["model_config"]
+    shape = model_shape(raw, cfg.hf_checkpoint)
+    base = yaml_layout(raw)
+    batch = actor_batch(cfg)
+    notes: List[str] = []
+
+    if device_target == "CPU":
+        for key in ("model_parallel", "pipeline_stage"):
+            if getattr(rt, key) > 1:
+                raise PlanError(f"runtime.{key}={getattr(rt, key)} on CPU: MindSpore 2.9 refuses SEMI_AUTO_PARALLEL on "
+                                "the CPU backend ('Invalid backend: CPU'); only data parallel runs on CPU")
+        if rt.data_parallel and rt.data_parallel != world_size:
+            raise PlanError(f"runtime.data_parallel={rt.data_parallel} on CPU must equal the msrun world size "
+                            f"{world_size} (one data-parallel rank per worker)")
+        if rt.optimizer_parallel == "true" or rt.recompute == "true":
+            raise PlanError("runtime.optimizer_parallel / runtime.recompute = true need semi-auto-parallel on Ascend; "
+                            "on CPU they do not exist")
+        layout = Layout(world_size, 1, 1, 1, False, False)
+        if base.devices > 1 or base.recompute or base.optimizer_parallel:
+            notes.append(f"model YAML layout DP x TP x PP = {base.data_parallel} x {base.model_parallel} x "
+                         f"{base.pipeline_stage} (recompute {base.recompute}, optimizer parallel "
+                         f"{base.optimizer_parallel}) is for Ascend: dropped on CPU")
+        dropped = {k: mc[k] for k in FP32_DTYPES if k in mc and mc[k] != FP32_DTYPES[k]}
+        if dropped:
+            notes.append(f"CPU build is fp32 (YAML dtypes {dropped} overridden)")
+        if mc.get("use_flash_attention"):
+            notes.append("flash attention has no CPU kernel: causal softmax attention (cpu_compat)")
+        return RuntimePlan(
+            device_target="CPU", world_size=world_size, layout=layout,
+            context={"mode": "GRAPH_MODE", "device_target": "CPU"}, use_parallel=False, parallel={},
+            parallel_config={}, recompute_config={}, dtypes=dict(FP32_DTYPES), use_flash_attention=False,
+            cpu_patches=CPU_PATCHES,
+            gradient_reduction="AllReduce of the accumulated gradients in the optimizer cell (AdamWApply)"
+            if world_size > 1 else "none (one process)",
+            train_wrapper="recast_cells: GradAccumulator + AdamWApply (recast_ms/trainer/optim.py)",
+            rollout_engine="kv_decoder",
+            rollout_reason="Qwen3KVDecoder over the actor's own Parameters (no copy, no sync): MindFormers' "
+                           "InferenceQwen3ForCausalLM has no CPU kernels (ApplyRotaryPosEmb, PagedAttention, ...)",
+            actor_batch=batch, notes=notes)
+
+    # ------------------------------------------------------------------ Ascend
+    tp = rt.model_parallel or base.model_parallel
+    pp = rt.pipeline_stage or base.pipeline_stage
+    mbn = rt.micro_batch_num or base.micro_batch_num
+    if world_size % (tp * pp):
+        raise PlanError(f"world size {world_size} is not divisible by model_parallel x pipeline_stage = {tp} x {pp} "
+                        f"= {tp * pp}")
+    if rt.data_parallel:
+        dp = rt.data_parallel
+    elif base.data_parallel * tp * pp == world_size:
+        dp = base.data_parallel
+    else:
+        dp = world_size // (tp * pp)
+        notes.append(f"data_parallel = world {world_size} / (TP {tp} x PP {pp}) = {dp} (the model YAML's "
+                     f"{base.data_parallel} is for {base.data_parallel * tp * pp} devices)")
+    layout = Layout(dp, tp, pp, mbn, _tri(rt.optimizer_parallel, base.optimizer_parallel),
+                    _tri(rt.recompute, base.recompute))
+    check_layout(shape, layout, world_size, where=os.path.basename(cfg.model_config))
+    check_batch(cfg, layout)
+
+    parallel_config = dict(raw.get("parallel_config") or {})
+    parallel_config.update(data_parallel=dp, model_parallel=tp, pipeline_stage=pp, micro_batch_num=mbn)
+    if pp > 1 and parallel_config.get("vocab_emb_dp", False):
+        parallel_config["vocab_emb_dp"] = False  # as MindFormers' build_parallel_config does for pipelines
+        notes.append("vocab_emb_dp reset to False (pipeline_stage > 1), as MindFormers does")
+    if tp == 1:
+        parallel_config["use_seq_parallel"] = False
+    recompute_config = dict(raw.get("recompute_config") or {})
+    recompute_config["recompute"] = layout.recompute
+    par_yaml = dict(raw.get("parallel") or {})
+    parallel: Dict[str, Any] = {}
+    if world_size > 1:
+        parallel = {"parallel_mode": "semi_auto_parallel", "full_batch": True, "gradients_mean": False,
+                    "search_mode": "sharding_propagation", "enable_alltoall": False,
+                    "strategy_ckpt_config": {"save_file": "./strategy/ckpt_strategy.ckpt", "only_trainable_params": False}}
+        parallel.update({k: v for k, v in par_yaml.items() if k in PARALLEL_SECTION_KEYS})
+        parallel["enable_parallel_optimizer"] = layout.optimizer_parallel
+        if pp > 1:
+            parallel["pipeline_stages"] = pp
+    elif layout.devices > 1:
+        raise PlanError(f"layout {dp} x {tp} x {pp} needs {layout.devices} devices, the launch gives 1")
+    dtypes = {k: str(mc.get(k, FP32_DTYPES[k])) for k in FP32_DTYPES}
+    kv_ok = tp == 1 and pp == 1 and not layout.optimizer_parallel
+    if kv_ok:
+        engine = "kv_decoder"
+        reason = ("TP = PP = 1 and no optimizer parallel: every device holds the full weights, so the project's "
+                  "KV decoder runs over the actor's own Parameters (MatMul / Softmax / Gather have Ascend kernels); "
+                  "no weight sync")
+    else:
+        engine = "mindformers_infer"
+        reason = (f"TP={tp}, PP={pp}, optimizer parallel={layout.optimizer_parallel}: under semi-auto-parallel each "
+                  "device holds only its slice of each weight, laid out for the training graph; the project's "
+                  "decoder has no shard strategies (running it over sliced weights would re-implement MindFormers' "
+                  "tensor-parallel layers). MindFormers' InferenceQwen3ForCausalLM (KV cache, paged attention, "
+                  "run_mode predict) with TP = model_parallel runs the rollout, its weights synced from the actor "
+                  "after each optimizer step by resharding between the two strategy layouts (MindRLHF's "
+                  "TransformParametersD2D pattern); SID constraints are applied to the host-side logits")
+    return RuntimePlan(
+        device_target="Ascend", world_size=world_size, layout=layout,
+        context={"mode": "GRAPH_MODE", "device_target": "Ascend", **ASCEND_CONTEXT},
+        use_parallel=world_size > 1, parallel=parallel, parallel_config=parallel_config,
+        recompute_config=recompute_config, dtypes=dtypes, use_flash_attention=bool(mc.get("use_flash_attention", False)),
+        cpu_patches=(),
+        gradient_reduction="inserted by semi-auto-parallel (DP AllReduce / ReduceScatter with optimizer parallel)"
+        if world_size > 1 else "none (one device)",
+        train_wrapper=("recast_cells: GradAccumulator + AdamWApply, one device (no collective)" if world_size == 1 else
+                       "NOT WRITTEN: MindFormers' MFTrainOneStepCell + MindFormers AdamW (optimizer parallel from the "
+                       "context)" + (" over PipelineCellWithTwoOutput(micro_batch_num)" if pp > 1 else
+                                     " over GradAccumulationCellWithTwoOutput")
+                       + "; the project's cells keep their explicit AllReduce for CPU data parallel only"),
+        rollout_engine=engine, rollout_reason=reason, actor_batch=batch, notes=notes)
+
+
+def plan_from_config(cfg, world_size: int = 1) -> Tuple[RuntimePlan, str]:
+    """Resolve ``cfg.runtime.device_target`` and plan; returns (plan, why this device)."""
+    device, why = resolve_device(cfg.runtime.device_target)
+    return plan_runtime(cfg, device, world_size), why
