@@ -81,6 +81,8 @@ def worker(args):
         rows = [tr.step() for _ in range(2)]
         out["first_s"], out["s"] = rows[0]["timing_s/step"], rows[1]["timing_s/step"]
         out["stages_s"] = {k.split("/")[1]: v for k, v in rows[1].items() if k.startswith("timing_s/")}
+        # resident memory at the end of each stage of the first step (compiles + first runs: what each keeps)
+        out["memory_mb_first_step"] = {k.split("/")[1]: v for k, v in rows[0].items() if k.startswith("memory_mb/")}
         out["actor_rows"] = rows[1]["actor/rows"]
     elif args.stage == "beam_search":
         from recast_ms.evaluation import evaluate, make_decoder

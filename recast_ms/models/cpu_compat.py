@@ -26,6 +26,9 @@ PATCH_TARGETS = (
     ("rms_norm", f"{_TG}.transformer.norm", "FusedRMSNorm", "FusedRMSNorm"),
     ("rope_outer", f"{_TG}.base_models.common.embeddings.rotary_pos_embedding", "Outer", "Outer"),
     ("core_attention", f"{_TG}.base_models.gpt.gpt_layer_specs", "FlashAttention", "FlashAttention"),
+    ("self_attention", f"{_TG}.base_models.gpt.gpt_layer_specs", "SelfAttention", "SelfAttention"),
+    ("self_attention_contiguous", f"{_TG}.base_models.gpt.gpt_layer_specs", "SelfAttentionContiguous",
+     "SelfAttentionContiguous"),
     ("dropout_layer", f"{_TG}.transformer.transformer_layer", "Dropout", "Dropout"),
     ("dropout_embedding", f"{_TG}.base_models.common.embeddings.language_model_embedding", "Dropout", "Dropout"),
     ("embedding", f"{_TG}.base_models.common.embeddings.language_model_embedding", "VocabParallelEmbedding",
@@ -190,6 +193,24 @@ def _replacements() -> dict:
             context = ops.transpose(ops.reshape(context, (bsz, nkv, rep, seq, dim)), (3, 0, 1, 2, 4))
             return ops.cast(ops.reshape(context, (seq, bsz, nkv * rep * dim)), self.compute_dtype)  # (S, B, N*D)
 
+    # Patch 3b (grouped-query k/v left unrepeated): with use_flash_attention=False MindFormers' self-attention
+    # tiles k and v n_rep times before the core attention (and sums the copies back in the backward), only for
+    # CpuCoreAttention to undo it. The CPU attention classes skip the repeat: the same maths, without two tiles
+    # and two reductions of [S, B, Nkv, D] tensors per layer and direction.
+    from mindformers.parallel_core.training_graph.transformer.attention import SelfAttention, SelfAttentionContiguous
+
+    class CpuSelfAttention(SelfAttention):
+        """MindFormers' SelfAttention whose k/v reach the (CPU) core attention with their Nkv heads."""
+
+        def _repeat_kv(self, x, rep):
+            return x
+
+    class CpuSelfAttentionContiguous(SelfAttentionContiguous):
+        """MindFormers' SelfAttentionContiguous whose k/v reach the (CPU) core attention with their Nkv heads."""
+
+        def _repeat_kv(self, x, rep):
+            return x
+
     # Patch 4 (Dropout): DropoutExt has no CPU kernel, and HF Qwen3 trains without dropout. The replacement
     # is the identity and refuses a non-zero probability instead of failing later inside the compiled graph.
     class CpuNoDropout(nn.Cell):
@@ -227,6 +248,8 @@ def _replacements() -> dict:
         "rms_norm": CpuRMSNorm,
         "rope_outer": CpuOuter,
         "core_attention": CpuCoreAttention,
+        "self_attention": CpuSelfAttention,
+        "self_attention_contiguous": CpuSelfAttentionContiguous,
         "dropout_layer": CpuNoDropout,
         "dropout_embedding": CpuNoDropout,
         "embedding": CpuVocabParallelEmbedding,

@@ -174,7 +174,8 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
             last_log = step
             metrics = {"sft/loss": loss, "sft/lr": lr, "sft/grad_norm": grad_norm, "sft/epoch": batches.epoch,
                        "perf/peak_rss_mb": peak_rss_mb(),
-                       **{k: v / since for k, v in timer.pop().items()}}  # seconds per step over the interval
+                       # seconds per step over the interval; memory_mb/* as measured
+                       **{k: v / since if k.startswith("timing_s/") else v for k, v in timer.pop().items()}}
             if step % s.eval_every == 0 or step == s.steps:
                 metrics["sft/val_loss"] = val_loss()
             log.log(step, metrics)

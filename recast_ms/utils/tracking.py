@@ -26,7 +26,9 @@ def current_rss_mb() -> float:
 
 
 class StageTimer:
-    """``with timer("rollout"): ...`` accumulates wall seconds under ``timing_s/rollout``."""
+    """``with timer("rollout"): ...`` accumulates wall seconds under ``timing_s/rollout`` and records the
+    resident memory at the stage's end under ``memory_mb/rollout``. On the CPU backend a compiled graph keeps
+    the memory of its first run, so the growth from one stage's figure to the next is what that stage holds."""
 
     def __init__(self):
         self.times: Dict[str, float] = {}
@@ -39,6 +41,7 @@ class StageTimer:
         finally:
             key = f"timing_s/{name}"
             self.times[key] = self.times.get(key, 0.0) + time.perf_counter() - t0
+            self.times[f"memory_mb/{name}"] = current_rss_mb()
 
     def pop(self) -> Dict[str, float]:
         out, self.times = self.times, {}
