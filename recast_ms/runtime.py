@@ -33,13 +33,16 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
+from recast_ms.models.cpu_compat import PATCH_TARGETS
+
 logger = logging.getLogger(__name__)
 
 DEVICES = ("CPU", "Ascend")
 BOUNDARY_ESTIMATORS = ("recast", "boundary_only", "recast_adaptive")
 # names of recast_ms.models.cpu_compat.PATCH_TARGETS (kept equal by tests/test_runtime_plan.py; listed here
 # so that planning needs no MindSpore import)
-CPU_PATCHES = ("rms_norm", "rope_outer", "core_attention", "dropout_layer", "dropout_embedding", "embedding")
+# the patches recast_ms.models.cpu_compat applies on CPU (named there, once)
+CPU_PATCHES = tuple(name for name, *_ in PATCH_TARGETS)
 FP32_DTYPES = {"params_dtype": "float32", "compute_dtype": "float32", "layernorm_compute_dtype": "float32",
                "softmax_compute_dtype": "float32", "rotary_dtype": "float32"}
 # MindFormers' Qwen3 training YAML (configs/qwen3/finetune_qwen3.yaml, mindformers 1.9.0) on 64 GB devices
