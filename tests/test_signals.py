@@ -130,6 +130,29 @@ def test_repair_mask_vetoes_repair():
     assert sig.active_mask.tolist() == [True, False]
 
 
+def test_anchor_only_golden_positive_only_no_negative():
+    # group 0 all-zero -> repaired at slot 1 (lowest score, lowest index): +0.5 on the anchor only;
+    # group 1 has a natural hit: +0.5 on the strongest positive only; group 2 all-hit: skipped as in ReCast
+    r = [[0, 0, 0, 0], [0, 1, 0, 1], [1, 1, 1, 1]]
+    s = [[1 / 3, 0.0, 2 / 3, 0.0], [2 / 3, 1.0, 1 / 3, 1.0], [1, 1, 1, 1]]
+    sig = compute_signal("anchor_only", r, s, alpha=0.5)
+    ref = compute_signal("recast", r, s, alpha=0.5)
+    assert sig.repaired.tolist() == [True, False, False] and sig.anchor_index.tolist() == [1, -1, -1]
+    np.testing.assert_array_equal(sig.advantages, [[0, 0.5, 0, 0], [0, 0.5, 0, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(sig.pair_advantages, [[0.5, 0], [0.5, 0], [0, 0]])
+    # the same repair, the same active groups and the same pair as ReCast: only the negative's -alpha is gone
+    np.testing.assert_array_equal(sig.active_index, ref.active_index)
+    np.testing.assert_array_equal(sig.active_mask, [True, True, False])
+    np.testing.assert_array_equal(sig.rewards, ref.rewards)
+    np.testing.assert_array_equal(ref.advantages - sig.advantages, [[0, 0, -0.5, 0], [-0.5, 0, 0, 0], [0] * 4])
+    assert sig.boundary
+
+
+def test_negative_false_needs_a_boundary_estimator():
+    with pytest.raises(ValueError, match="only applies to boundary"):
+        recast_signal([[0, 1]], [[0, 1]], boundary=False, negative=False)
+
+
 def test_unknown_estimator_is_named():
     with pytest.raises(ValueError, match="unknown estimator 'ppo'"):
         compute_signal("ppo", [[0, 1]], [[0, 1]])
