@@ -161,7 +161,7 @@ def test_unknown_estimator_is_named():
 # ----------------------------------------------------------------------------- loop reference
 
 
-def _loop_recast(r, s, alpha, repair, boundary):
+def _loop_recast(r, s, alpha, repair, boundary, negative=True):
     """Straight transcription of the spec, one group at a time."""
     r, s = np.array(r, float), np.array(s, float)
     P, G = r.shape
@@ -183,7 +183,7 @@ def _loop_recast(r, s, alpha, repair, boundary):
         mask[p] = bool(pos and neg)
         if boundary:
             if mask[p]:
-                adv[p, idx[p, 0]], adv[p, idx[p, 1]] = alpha, -alpha
+                adv[p, idx[p, 0]], adv[p, idx[p, 1]] = alpha, (-alpha if negative else 0.0)
         else:
             m = sum(r[p]) / G
             sd = (sum((x - m) ** 2 for x in r[p]) / (G - 1)) ** 0.5
@@ -198,15 +198,16 @@ def _random_group_batch(rng, P, G, hit_rate):
     return r, s
 
 
-@pytest.mark.parametrize("repair,boundary", [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("repair,boundary,negative", [(True, True, True), (True, False, True), (False, True, True),
+                                                      (False, False, True), (True, True, False)])
 @pytest.mark.parametrize("G", [2, 3, 8, 16])
-def test_vectorised_matches_loop(repair, boundary, G):
-    rng = np.random.default_rng(G * 10 + 2 * repair + boundary)
+def test_vectorised_matches_loop(repair, boundary, negative, G):
+    rng = np.random.default_rng(G * 10 + 2 * repair + boundary + 4 * negative)
     for hit_rate in (0.0, 0.05, 0.3, 0.9, 1.0):
         r, s = _random_group_batch(rng, 40, G, hit_rate)
         alpha = float(rng.uniform(0.1, 2.0))
-        sig = recast_signal(r, s, alpha=alpha, repair=repair, boundary=boundary)
-        lr, ls, anchor, adv, idx, mask = _loop_recast(r, s, alpha, repair, boundary)
+        sig = recast_signal(r, s, alpha=alpha, repair=repair, boundary=boundary, negative=negative)
+        lr, ls, anchor, adv, idx, mask = _loop_recast(r, s, alpha, repair, boundary, negative)
         np.testing.assert_array_equal(sig.rewards, lr)
         np.testing.assert_array_equal(sig.scores, ls)
         np.testing.assert_array_equal(sig.anchor_index, anchor)

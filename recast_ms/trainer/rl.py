@@ -1,5 +1,5 @@
 """GRPO-style RL post-training with a replaceable advantage estimator (GRPO, repair-only,
-boundary-only, ReCast, adaptive ReCast).
+boundary-only, ReCast, adaptive ReCast, anchor-only).
 
 One step (``RLTrainer.step``)::
 
