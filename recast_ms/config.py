@@ -52,12 +52,17 @@ class DataConfig:
     p_jump: float = 0.15
     max_rl_prompts: int = 0  # 0 = every validation sample is an RL prompt
     max_eval_prompts: int = 300  # 0 = the whole test split
+    # -1: evaluate on the first max_eval_prompts test rows; >= 0: on a random subset of that size drawn
+    # with this seed (recast_ms.evaluation.eval_subset), the same rows for every run that sets it
+    eval_subset_seed: int = -1
 
     def __post_init__(self):
         _require(self.source in ("synthetic", "amazon"), f"data.source must be 'synthetic' or 'amazon', got {self.source!r}")
         _require(self.codebook_size >= 2, "data.codebook_size must be >= 2")
         _require(self.max_rl_prompts >= 0 and self.max_eval_prompts >= 0, "data.max_*_prompts must be >= 0")
         _require(self.seed >= 0, f"data.seed must be >= 0, got {self.seed}")
+        _require(self.eval_subset_seed >= -1, f"data.eval_subset_seed must be -1 (first rows) or >= 0, "
+                                              f"got {self.eval_subset_seed}")
 
 
 @dataclass
@@ -84,7 +89,7 @@ class SFTConfig:
 
 @dataclass
 class RLConfig:
-    estimator: str = "recast"  # grpo | repair_only | boundary_only | recast | recast_adaptive
+    estimator: str = "recast"  # grpo | repair_only | boundary_only | recast | recast_adaptive | anchor_only
     alpha: float = 1.0
     group_size: int = 16
     prompts_per_step: int = 8
@@ -103,7 +108,15 @@ class RLConfig:
     ppo_epochs: int = 1
     eps: float = 1e-6
     eval_every: int = 10
+    # explicit evaluation steps (0 = before training); empty: every eval_every steps. The last step is
+    # always evaluated (a grid cell is finished when its last step has an evaluation)
+    eval_steps: Tuple[int, ...] = ()
     save_every: int = 10
+    # where a group comes from: "sample" draws G responses per prompt at rl.temperature (top_k / top_p);
+    # "beam" takes the G best beams of the SID-constrained beam search evaluation runs (temperature 1, no
+    # length normalisation: every constrained beam has the same length), best first, as OpenOneRec-RL's
+    # recipe forms its groups; then all-zero groups ~ 1 - Pass@G. Deterministic: no rollout RNG is used.
+    rollout: str = "sample"
     # adaptive repair (recast_adaptive): repair probability = clip(1 - natural_ratio / target, floor, 1)
     adaptive_target: float = 0.5
     adaptive_floor: float = 0.0
@@ -126,6 +139,20 @@ class RLConfig:
         _require(self.micro_batch_size >= 1 and self.ppo_epochs >= 1, "rl.micro_batch_size and rl.ppo_epochs must be >= 1")
         _require(0 < self.adaptive_target <= 1 and 0 <= self.adaptive_floor <= 1, "rl.adaptive_target in (0, 1], rl.adaptive_floor in [0, 1]")
         _require(0 <= self.adaptive_momentum < 1, "rl.adaptive_momentum must be in [0, 1)")
+        _require(self.rollout in ("sample", "beam"), f"rl.rollout must be 'sample' or 'beam', got {self.rollout!r}")
+        _require(self.rollout == "sample" or (self.top_k == 0 and self.top_p == 1.0),
+                 "rl.top_k / rl.top_p shape sampled rollouts only; with rl.rollout=beam leave them at 0 / 1.0")
+        self.eval_steps = tuple(sorted({int(s) for s in self.eval_steps}))
+        _require(all(0 <= s <= self.steps for s in self.eval_steps),
+                 f"rl.eval_steps {list(self.eval_steps)} must lie in [0, rl.steps={self.steps}]")
+
+    def eval_due(self, step: int) -> bool:
+        """Whether the RL loop evaluates after ``step`` optimizer steps (0: the starting policy)."""
+        if step == self.steps:
+            return True
+        if self.eval_steps:
+            return step in self.eval_steps
+        return step % self.eval_every == 0
 
 
 @dataclass

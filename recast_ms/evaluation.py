@@ -18,6 +18,21 @@ from recast_ms.rollout.engine import SIDConstraint, beam_search
 from recast_ms.sid import SIDTokenMap
 
 
+def eval_subset(samples: Sequence, max_prompts: int, seed: int = -1) -> list:
+    """The evaluation prompts: all of ``samples`` when ``max_prompts`` is 0 (or not below their number);
+    else the first ``max_prompts`` rows (``seed < 0``, the historical default), or a random subset of
+    ``max_prompts`` rows drawn without replacement by ``numpy.random.default_rng(seed)`` and kept in
+    split order (``seed >= 0``). A pure function of (split, size, seed): every arm of an experiment
+    evaluates on the same rows, and the first rows (one user-id range) no longer stand in for the split."""
+    samples = list(samples)
+    if not max_prompts or max_prompts >= len(samples):
+        return samples
+    if seed < 0:
+        return samples[:max_prompts]
+    rows = np.sort(np.random.default_rng(seed).choice(len(samples), size=max_prompts, replace=False))
+    return [samples[i] for i in rows]
+
+
 def decode_sid(row: np.ndarray, token_map: SIDTokenMap, eos_id: int):
     """The SID a generated row names (``SIDTokenMap.response_sid``, the parser RL rewards use too), else
     None (unparseable). The SID may still be invalid (not in the catalogue); metrics treat it as a miss."""

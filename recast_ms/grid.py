@@ -59,8 +59,39 @@ PRESETS = {
 }
 
 
-def cell_name(sft_key: str, est: str, G: int, seed: int) -> str:
-    return f"{sft_key.replace('@', '-')}_{est}_G{G}_s{seed}"
+# The pre-registered decisive experiment (issue 14; docs/experiments/decisive/PLAN.md). Changing anything
+# here after its first cell ran breaks the pre-registration: the design and verdict rules are fixed.
+DECISIVE_EVAL_STEPS = (0, 10, 20, 40, 80, 160)
+DECISIVE_EVAL_SEED = 14  # data.eval_subset_seed: the 2,000 test prompts every arm is evaluated on
+PRESETS["decisive"] = {
+    "sft": {"tiny@industrial": {"config": "model_configs/runs/sft_industrial.yaml", "overrides": ["sft.steps=1000"]}},
+    "rl": ["rl.steps=160", "rl.prompts_per_step=16", "rl.eval_steps=[" + ",".join(map(str, DECISIVE_EVAL_STEPS)) + "]",
+           "rl.save_every=10", "rl.micro_batch_size=128", "rl.kl_coef=0.001", "rl.temperature=1.0",
+           "data.max_eval_prompts=2000", f"data.eval_subset_seed={DECISIVE_EVAL_SEED}", "eval.beam_width=32",
+           "eval.ks=[1,5,10,32]", "eval.constrained=true", "rl.constrained=true"],
+    # keys the runner refuses to run without (given as key=value on its command line, or added to "rl"
+    # above): the shared lr is tuned on the valid split only, by the rule in PLAN.md, before any cell runs
+    "pending": {"rl.lr": "the lr tuned on the valid split by the rule in docs/experiments/decisive/PLAN.md"},
+    "report": "decisive",
+    "blocks": [
+        {"name": "sampled", "sft": "tiny@industrial", "estimators": ["grpo", "recast"], "seeds": [0, 1, 2, 3, 4],
+         "group_sizes": [16]},
+        {"name": "beam", "sft": "tiny@industrial", "estimators": ["grpo", "recast"], "seeds": [0, 1, 2],
+         "group_sizes": [16], "rl": ["rl.rollout=beam"], "tag": "beam"},
+        {"name": "anchor_only", "sft": "tiny@industrial", "estimators": ["anchor_only"], "seeds": [0, 1, 2],
+         "group_sizes": [16]},
+    ],
+}
+
+
+def cell_name(sft_key: str, est: str, G: int, seed: int, tag: str = "") -> str:
+    return f"{sft_key.replace('@', '-')}_{est}_G{G}_s{seed}" + (f"_{tag}" if tag else "")
+
+
+def pending_keys(preset: dict, overrides: List[str]) -> Dict[str, str]:
+    """The preset's ``pending`` keys that neither its RL overrides nor ``overrides`` set: key -> why it is needed."""
+    given = {o.split("=", 1)[0] for o in list(preset.get("rl", [])) + list(overrides)}
+    return {k: why for k, why in preset.get("pending", {}).items() if k not in given}
 
 
 def _rl_steps(overrides: List[str], default: int = 30) -> int:
@@ -69,19 +100,25 @@ def _rl_steps(overrides: List[str], default: int = 30) -> int:
 
 
 def plan_cells(preset: dict, sft_dirs: Dict[str, str], out_dir: str, extra: List[str] = ()) -> Dict[str, dict]:
-    """name -> cell (sft key, estimator, G, seed, blocks, run dir, RL overrides), in block order."""
+    """name -> cell (sft key, estimator, arm, G, seed, blocks, run dir, RL overrides), in block order.
+
+    A block may add RL overrides of its own (``rl``) and a ``tag``: the tag suffixes its cell names and
+    names its arm (``grpo+beam``), so cells that differ only in a block override never collide."""
     cells: Dict[str, dict] = {}
     for block in preset["blocks"]:
+        tag = block.get("tag", "")
         for G in block["group_sizes"]:
             for seed in block["seeds"]:
                 for est in block["estimators"]:
-                    name = cell_name(block["sft"], est, G, seed)
+                    name = cell_name(block["sft"], est, G, seed, tag)
                     if name in cells:
                         cells[name]["blocks"].append(block["name"])
                         continue
                     model, dataset = block["sft"].split("@")
-                    ov = list(preset["rl"]) + [f"rl.estimator={est}", f"rl.group_size={G}", f"seed={seed}"]
+                    ov = list(preset["rl"]) + list(block.get("rl", [])) + [
+                        f"rl.estimator={est}", f"rl.group_size={G}", f"seed={seed}"]
                     cells[name] = {"sft": block["sft"], "model": model, "dataset": dataset, "estimator": est,
+                                   "arm": est + (f"+{tag}" if tag else ""),
                                    "group_size": G, "seed": seed, "blocks": [block["name"]],
                                    "sft_dir": sft_dirs[block["sft"]], "run_dir": os.path.join(out_dir, "cells", name),
                                    "overrides": ov, "steps": _rl_steps(ov + list(extra))}

@@ -34,11 +34,11 @@ from typing import Any, Dict, List, Optional, Tuple
 import yaml
 
 from recast_ms.models.cpu_compat import PATCH_TARGETS
+from recast_ms.signals import BOUNDARY_ESTIMATORS  # one definition, shared with the trainer
 
 logger = logging.getLogger(__name__)
 
 DEVICES = ("CPU", "Ascend")
-BOUNDARY_ESTIMATORS = ("recast", "boundary_only", "recast_adaptive")
 # names of recast_ms.models.cpu_compat.PATCH_TARGETS (kept equal by tests/test_runtime_plan.py; listed here
 # so that planning needs no MindSpore import)
 # the patches recast_ms.models.cpu_compat applies on CPU (named there, once)

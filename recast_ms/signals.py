@@ -15,6 +15,13 @@ Where ReCast departs from GRPO (``../shared/RECAST_SPEC.md``):
 3. Everything else in the group gets advantage 0 and is physically dropped from the actor batch:
    ``active_index`` names the 2 surviving rows per prompt, giving a static ``[2P, T]`` batch.
 
+``anchor_only`` (an ablation, not in the paper) is ReCast without the negative: the same repair, the
+same active groups and the same strongest positive (+alpha: the anchor in a repaired group, the
+strongest natural hit in a group that has one), but the hardest negative gets advantage 0 and no loss
+(its row stays in the static ``[2P, T]`` batch with a zero loss mask). It separates "ReCast adds
+ground-truth labels" from "the contrast helps"; all-hit groups are skipped exactly as in ReCast, so
+the two estimators differ only in the negative row.
+
 GRPO normalises with the unbiased standard deviation (``ddof=1``), as verl's GRPO estimator
 (which OpenOneRec-RL uses) and TRL do; pass ``ddof=0`` for the population form.
 """
@@ -197,6 +204,7 @@ def recast_signal(
     alpha: float = 1.0,
     repair: bool = True,
     boundary: bool = True,
+    negative: bool = True,
     repair_mask: Optional[np.ndarray] = None,
     eps: float = 1e-6,
     ddof: int = 1,
@@ -205,11 +213,14 @@ def recast_signal(
 
     ``repair`` / ``boundary`` select the estimator: both True is ReCast, ``repair`` alone is
     repair-only (GRPO normalisation over the repaired group), ``boundary`` alone is boundary-only
-    (all-zero groups skipped), neither is plain GRPO. ``repair_mask`` (``[P]`` bool or None) lets an
-    adaptive scheduler veto repair per group; None repairs every all-zero group.
+    (all-zero groups skipped), neither is plain GRPO. ``negative=False`` (boundary only) gives the
+    hardest negative advantage 0 instead of ``-alpha`` (``anchor_only``). ``repair_mask`` (``[P]`` bool
+    or None) lets an adaptive scheduler veto repair per group; None repairs every all-zero group.
     """
     r = _check_rewards(rewards)
     s = _check_scores(scores, r.shape)
+    if not negative and not boundary:
+        raise ValueError("negative=False (no contrast row) only applies to boundary estimators")
     if not (alpha > 0 and np.isfinite(alpha)):
         raise ValueError(f"alpha must be a positive finite number, got {alpha}")
     P, G = r.shape
@@ -239,7 +250,7 @@ def recast_signal(
         adv = np.zeros((P, G))
         act = np.nonzero(active_mask)[0]
         adv[act, pos[act]] = alpha
-        adv[act, neg[act]] = -alpha
+        adv[act, neg[act]] = -alpha if negative else 0.0
     else:
         adv = grpo_advantage(r, eps=eps, ddof=ddof)
         active_mask = mixed  # uniform groups have zero advantage everywhere
@@ -275,15 +286,20 @@ def gather_active_rows(rows: np.ndarray, anchor_rows: np.ndarray, signal: Recast
 # ----------------------------------------------------------------------------- registry
 
 ESTIMATORS: Dict[str, Dict[str, bool]] = {
-    "grpo": dict(repair=False, boundary=False),
-    "repair_only": dict(repair=True, boundary=False),
-    "boundary_only": dict(repair=False, boundary=True),
-    "recast": dict(repair=True, boundary=True),
+    "grpo": dict(repair=False, boundary=False, negative=True),
+    "repair_only": dict(repair=True, boundary=False, negative=True),
+    "boundary_only": dict(repair=False, boundary=True, negative=True),
+    "recast": dict(repair=True, boundary=True, negative=True),
+    # repair, then +alpha on the strongest positive only: ReCast minus its contrast row
+    "anchor_only": dict(repair=True, boundary=True, negative=False),
 }
+
+# estimators whose update uses only the active pair of each group: a static [2P, T] actor batch
+BOUNDARY_ESTIMATORS = ("recast", "boundary_only", "recast_adaptive", "anchor_only")
 
 
 def estimator_flags(name: str) -> Dict[str, bool]:
-    """``repair`` / ``boundary`` flags of a named estimator; a clear error for an unknown name."""
+    """``repair`` / ``boundary`` / ``negative`` flags of a named estimator; a clear error for an unknown name."""
     try:
         return dict(ESTIMATORS[name])
     except KeyError:

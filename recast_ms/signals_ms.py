@@ -19,6 +19,8 @@ class RecastSelect(nn.Cell):
         group_size (int): G, samples per prompt (>= 2).
         alpha (float): contrastive weight; the pair gets ``+alpha / -alpha``.
         repair (bool): replace the lowest-score response of an all-zero group by the anchor.
+        negative (bool): give the hardest negative ``-alpha``; False gives it 0 (``anchor_only``: the
+            positive alone is pushed up, the pair's second row carries no signal).
 
     Inputs:
         - **rewards** (Tensor) - ``[P, G]`` float32 binary hits.
@@ -39,7 +41,7 @@ class RecastSelect(nn.Cell):
         >>> idx, adv, mask, *_ = sel(r, s, ms.Tensor([True, True]))
     """
 
-    def __init__(self, group_size: int, alpha: float = 1.0, repair: bool = True):
+    def __init__(self, group_size: int, alpha: float = 1.0, repair: bool = True, negative: bool = True):
         super().__init__()
         if group_size < 2:
             raise ValueError(f"group size G must be >= 2, got {group_size}")
@@ -48,6 +50,7 @@ class RecastSelect(nn.Cell):
         self.group_size = int(group_size)
         self.alpha = float(alpha)
         self.repair = bool(repair)
+        self.negative = bool(negative)
         self.ramp = ms.Tensor(list(range(group_size)), ms.float32)  # [G]
         self.big = float(group_size)  # "no index" sentinel, larger than any real index
 
@@ -79,7 +82,7 @@ class RecastSelect(nn.Cell):
         neg, has_neg = self._first_index(scores, ops.logical_not(hit))
         active_mask = ops.logical_and(has_pos, has_neg)  # [P]
         active_index = ops.stack([pos, neg], axis=1)  # [P, 2]
-        sign = ms.Tensor([[self.alpha, -self.alpha]], ms.float32)  # [1, 2]
+        sign = ms.Tensor([[self.alpha, -self.alpha if self.negative else 0.0]], ms.float32)  # [1, 2]
         pair_adv = sign * active_mask.astype(ms.float32).expand_dims(1)  # [P, 2]
         anchor_index = ops.where(repaired, anchor, ops.full_like(anchor, -1))
         return active_index, pair_adv, active_mask, repaired, anchor_index, rewards, scores

@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """System benchmark: GRPO versus ReCast on the same prompts and the same model (issue 5 targets).
 
-    python scripts/bench_system.py --group-size 32 [--prompts 16] [--steps 5] [--sweep 8,16,32,64]
+    python scripts/bench_system.py --group-size 32 [--prompts 16] [--steps 5] [--sweep 8,16,32,64] [--rollout beam]
 
 Each (estimator, G) runs in its own process, so peak memory is that run's alone. Both start from the
-same seeded weights and draw the same prompts. Per-stage times are medians over steps 2..N (step 1
+same seeded weights and draw the same prompts. ``--rollout beam`` forms every group from the G best
+constrained beams (``rl.rollout=beam``) instead of G samples; the actor batch, and so the token ratio,
+does not depend on where the group came from. Per-stage times are medians over steps 2..N (step 1
 compiles the graphs). Prints a table, then ONE JSON line with ``actor_tokens_ratio``,
 ``update_actor_ratio``, ``step_ratio`` (each GRPO / ReCast at ``--group-size``), ``peak_memory_mb``
 for each, and the sweep.
@@ -19,6 +21,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def worker_overrides(args):
+    """The RL config of one worker process (the same for both estimators but ``rl.estimator``)."""
+    return [f"rl.estimator={args.estimator}", f"rl.group_size={args.group_size}",
+            f"rl.prompts_per_step={args.prompts}", f"rl.steps={args.steps}", f"rl.micro_batch_size={args.micro}",
+            f"model_config={args.model}", "rl.kl_coef=0.001", f"data.num_users={max(600, 4 * args.prompts)}",
+            f"rl.rollout={args.rollout}"]
+
+
 def worker(args):
     from recast_ms.cli import setup_logging
 
@@ -29,10 +39,7 @@ def worker(args):
     from recast_ms.trainer.rl import RLTrainer
     from recast_ms.utils.tracking import peak_rss_mb
 
-    over = [f"rl.estimator={args.estimator}", f"rl.group_size={args.group_size}",
-            f"rl.prompts_per_step={args.prompts}", f"rl.steps={args.steps}", f"rl.micro_batch_size={args.micro}",
-            f"model_config={args.model}", "rl.kl_coef=0.001", f"data.num_users={max(600, 4 * args.prompts)}"]
-    cfg = load_config(None, over)
+    cfg = load_config(None, worker_overrides(args))
     tr = RLTrainer(cfg, args.run_dir, None, os.path.join(args.run_dir, "tok"), progress=False)
     rows = [tr.step() for _ in range(args.steps)]
     keys = ["timing_s/step", "timing_s/rollout", "timing_s/reward", "timing_s/signal", "timing_s/old_log_prob",
@@ -49,7 +56,7 @@ def run_one(estimator, G, args):
     run_dir = os.path.join(args.work_dir, f"{estimator}_G{G}")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--estimator", estimator, "--group-size", str(G),
            "--prompts", str(args.prompts), "--steps", str(args.steps), "--micro", str(args.micro),
-           "--model", args.model, "--run-dir", run_dir]
+           "--model", args.model, "--rollout", args.rollout, "--run-dir", run_dir]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -57,19 +64,25 @@ def run_one(estimator, G, args):
     raise RuntimeError(f"{estimator} G={G} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
-def main():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--group-size", type=int, default=32)
     p.add_argument("--prompts", type=int, default=16, help="P prompts per step")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--micro", type=int, default=128, help="rl.micro_batch_size for both estimators")
     p.add_argument("--model", default="model_configs/qwen3_tiny.yaml")
+    p.add_argument("--rollout", default="sample", choices=["sample", "beam"],
+                   help="rl.rollout: G sampled responses per prompt, or the G best constrained beams")
     p.add_argument("--sweep", default="", help="comma-separated G values for the decoupling sweep, e.g. 8,16,32,64")
     p.add_argument("--work-dir", default="/tmp/recast_bench_system")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--estimator", default="recast", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", default="", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.worker:
         return worker(args)
 
@@ -92,7 +105,7 @@ def main():
                   f"| {r['ref']:.3f} | {r['update_actor']:.3f} | {r['update_cost_per_token_ms']:.4f} | {r['peak_memory_mb']:.0f} |")
     G = args.group_size
     summary = {
-        "group_size": G, "prompts_per_step": args.prompts, "model": args.model,
+        "group_size": G, "prompts_per_step": args.prompts, "model": args.model, "rollout": args.rollout,
         "actor_tokens_ratio": ratio(G, "actor_tokens"),
         "recast_over_grpo_actor_tokens": 1.0 / ratio(G, "actor_tokens"),
         "update_actor_ratio": ratio(G, "update_actor"),

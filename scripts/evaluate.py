@@ -32,7 +32,7 @@ def main():
         p.error(f"--run-dir {args.run_dir} is not a run directory (no config.yaml)")
     setup_logging()
     from recast_ms.config import load_config
-    from recast_ms.evaluation import evaluate, format_table, make_decoder, popularity_baseline, write_json
+    from recast_ms.evaluation import eval_subset, evaluate, format_table, make_decoder, popularity_baseline, write_json
     from recast_ms.trainer import checkpoint as ckpt
     from recast_ms.trainer.setup import build_model, get_tokenizer, init_runtime, load_splits, response_len
 
@@ -47,7 +47,8 @@ def main():
     model = build_model(cfg, tok, seed=cfg.seed)
     tensors, meta = ckpt.load_state(path)
     ckpt.restore_model(model, tensors, path=path)
-    samples = getattr(splits, args.split)[: args.max_prompts or None]
+    # data.eval_subset_seed >= 0: the same seeded random subset the RL trainer evaluates on
+    samples = eval_subset(getattr(splits, args.split), args.max_prompts, cfg.data.eval_subset_seed)
     R = response_len(splits)
     decoder = make_decoder(model, cfg.seq_length - R, R, tok.pad_id, args.decoder)
     t0 = time.time()

@@ -8,8 +8,10 @@ into ``--out``.
         [--sft tiny@industrial=runs/sft_industrial --sft tiny@office=runs/sft_office]
 
 Presets (``recast_ms/grid.py``): ``quick`` (the micro test model on the synthetic default: minutes on
-2 cores, run by CI) and ``full`` (real Amazon data: 5 estimators x 3 seeds on two model sizes, a
-group-size sweep, and the held-out Office_Products dataset). ``--sft KEY=DIR`` reuses a finished SFT
+2 cores, run by CI), ``full`` (real Amazon data: 5 estimators x 3 seeds on two model sizes, a
+group-size sweep, and the held-out Office_Products dataset) and ``decisive`` (issue 14's pre-registered
+experiment, ``docs/experiments/decisive/PLAN.md``; it needs ``rl.lr=<tuned value>`` on the command line
+and reports through ``recast_ms/decisive.py``: ``verdict.json`` beside ``report.md``). ``--sft KEY=DIR`` reuses a finished SFT
 run for that (model@dataset) instead of training one (its newest checkpoint is used as it is).
 ``key=value`` overrides apply to every RL cell.
 
@@ -61,7 +63,13 @@ def main():
     from recast_ms.grid import cell_done, grid_report, plan_cells
     from recast_ms.trainer import checkpoint as ckpt
 
+    from recast_ms.grid import pending_keys
+
     preset = PRESETS[args.preset]
+    missing = pending_keys(preset, args.overrides)
+    if missing and not args.report_only:  # before any SFT or cell starts
+        sys.exit(f"--preset {args.preset} needs " + "; ".join(f"{k}=... ({why})" for k, why in missing.items())
+                 + " on the command line")
     reuse = {}
     for item in args.sft:
         key, _, path = item.partition("=")
@@ -125,7 +133,12 @@ def main():
         with open(os.path.join(out, "timings.json"), "a") as f:  # one line per invocation: resumed grids add up
             f.write(json.dumps({"preset": args.preset, "wall_s": time.time() - t0, **timings}) + "\n")
     if finished:
-        report = grid_report(finished, out, preset, sft_dirs)
+        if preset.get("report") == "decisive":  # the pre-registered analysis: verdict.json + its report section
+            from recast_ms.decisive import decisive_report
+
+            report = decisive_report(finished, out, preset, sft_dirs)
+        else:
+            report = grid_report(finished, out, preset, sft_dirs)
         print(report)
     print(f"\n[grid] {len(finished)}/{len(cells)} cells finished, this invocation {time.time() - t0:.0f}s; "
           f"report: {os.path.join(out, 'report.md')}")

@@ -87,3 +87,63 @@ def test_non_finite_loss_stops_with_clear_message(tmp_path):
     batch["advantages"] = batch["advantages"] * np.float32(np.nan)
     with pytest.raises(FloatingPointError, match="non-finite"):
         tr.update(batch)
+
+
+def test_beam_groups_are_the_beam_search_and_move_the_policy(tmp_path):
+    """rl.rollout=beam: each group is the G best constrained beams (distinct valid SIDs, identical to
+    beam_search's output for the same weights, best first); one ReCast step on them raises the positive
+    and lowers the hardest negative."""
+    from recast_ms.rollout.engine import beam_search
+
+    tr = _trainer(tmp_path, "beam", **{"rl.estimator": "recast", "rl.rollout": "beam"})
+    batch = tr.make_batch()
+    idx = batch["prompt_index"]
+    seqs, scores = beam_search(tr.decoder, tr.rl_prompts.ids[idx], tr.rl_prompts.lens[idx], beam_width=G,
+                               max_new_tokens=tr.R, eos_id=tr.tok.eos_id, pad_id=tr.tok.pad_id,
+                               constraint=tr.constraint)
+    np.testing.assert_array_equal(batch["rollout_ids"].reshape(P, G, tr.R), seqs)
+    assert (np.diff(scores, axis=1) <= 0).all()  # best first
+    assert batch["valid"].all()
+    for p in range(P):
+        sids = [tr.token_map.response_sid(row) for row in seqs[p]]
+        assert all(s is not None and tr.splits.codebook.is_valid(s) for s in sids)
+        assert len(set(sids)) == G  # G distinct items
+    # a deterministic rollout: the same weights give the same group again
+    np.testing.assert_array_equal(tr.make_batch()["rollout_ids"], batch["rollout_ids"])
+
+    live = batch["active_mask"]
+    assert live.any() and batch["input_ids"].shape == (2 * P, 32)  # the [2P, T] gather is unchanged
+    before = _seq_logps(tr, batch)
+    tr.update(batch)
+    delta = (_seq_logps(tr, batch) - before).reshape(P, 2)
+    assert (delta[live, 1] < 0).all(), delta  # every hardest negative (a top beam) became less likely
+    assert (delta[live, 0] - delta[live, 1] > 0).all(), delta  # every pair's margin grew
+    # beams share prefixes: lowering a negative can drag down a positive that starts like it, so the
+    # positives rise on average rather than each one
+    assert delta[live, 0].mean() > 0, delta
+    # a natural (non-repaired) positive or negative is one of the group's beams
+    rows = batch["rollout_ids"].reshape(P, G, tr.R)
+    for p in np.nonzero(live & ~batch["repaired"])[0]:
+        pos, neg = batch["active_index"][p]
+        start = batch["resp_start"][2 * p]
+        np.testing.assert_array_equal(batch["input_ids"][2 * p][start:start + tr.R][batch["loss_mask"][2 * p] > 0],
+                                      rows[p, pos][: int(batch["loss_mask"][2 * p].sum())])
+        assert rows[p, neg].tolist() != rows[p, pos].tolist()
+
+
+def test_anchor_only_raises_the_positive_and_leaves_the_negative_without_loss(tmp_path):
+    tr = _trainer(tmp_path, "anchor", **{"rl.estimator": "anchor_only"})
+    batch = tr.make_batch()
+    assert batch["input_ids"].shape == (2 * P, 32)
+    live = batch["active_mask"]
+    assert live.any() and batch["repaired"].any()
+    adv = batch["advantages"].reshape(P, 2)
+    assert (adv[live] == [1.0, 0.0]).all() and (adv[~live] == 0).all()
+    mask = batch["loss_mask"].reshape(P, 2, -1)
+    assert (mask[:, 1] == 0).all()  # the negative row carries no loss at all (no -alpha, no KL)
+    assert (mask[live, 0].sum(-1) > 0).all()
+    before = _seq_logps(tr, batch)
+    m = tr.update(batch)
+    assert m["actor/rows"] == 2 * P and m["actor/response_tokens"] == mask[:, 0].sum()
+    delta = (_seq_logps(tr, batch) - before).reshape(P, 2)
+    assert (delta[live, 0] > 0).all(), delta

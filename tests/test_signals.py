@@ -130,6 +130,29 @@ def test_repair_mask_vetoes_repair():
     assert sig.active_mask.tolist() == [True, False]
 
 
+def test_anchor_only_golden_positive_only_no_negative():
+    # group 0 all-zero -> repaired at slot 1 (lowest score, lowest index): +0.5 on the anchor only;
+    # group 1 has a natural hit: +0.5 on the strongest positive only; group 2 all-hit: skipped as in ReCast
+    r = [[0, 0, 0, 0], [0, 1, 0, 1], [1, 1, 1, 1]]
+    s = [[1 / 3, 0.0, 2 / 3, 0.0], [2 / 3, 1.0, 1 / 3, 1.0], [1, 1, 1, 1]]
+    sig = compute_signal("anchor_only", r, s, alpha=0.5)
+    ref = compute_signal("recast", r, s, alpha=0.5)
+    assert sig.repaired.tolist() == [True, False, False] and sig.anchor_index.tolist() == [1, -1, -1]
+    np.testing.assert_array_equal(sig.advantages, [[0, 0.5, 0, 0], [0, 0.5, 0, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(sig.pair_advantages, [[0.5, 0], [0.5, 0], [0, 0]])
+    # the same repair, the same active groups and the same pair as ReCast: only the negative's -alpha is gone
+    np.testing.assert_array_equal(sig.active_index, ref.active_index)
+    np.testing.assert_array_equal(sig.active_mask, [True, True, False])
+    np.testing.assert_array_equal(sig.rewards, ref.rewards)
+    np.testing.assert_array_equal(ref.advantages - sig.advantages, [[0, 0, -0.5, 0], [-0.5, 0, 0, 0], [0] * 4])
+    assert sig.boundary
+
+
+def test_negative_false_needs_a_boundary_estimator():
+    with pytest.raises(ValueError, match="only applies to boundary"):
+        recast_signal([[0, 1]], [[0, 1]], boundary=False, negative=False)
+
+
 def test_unknown_estimator_is_named():
     with pytest.raises(ValueError, match="unknown estimator 'ppo'"):
         compute_signal("ppo", [[0, 1]], [[0, 1]])
@@ -138,7 +161,7 @@ def test_unknown_estimator_is_named():
 # ----------------------------------------------------------------------------- loop reference
 
 
-def _loop_recast(r, s, alpha, repair, boundary):
+def _loop_recast(r, s, alpha, repair, boundary, negative=True):
     """Straight transcription of the spec, one group at a time."""
     r, s = np.array(r, float), np.array(s, float)
     P, G = r.shape
@@ -160,7 +183,7 @@ def _loop_recast(r, s, alpha, repair, boundary):
         mask[p] = bool(pos and neg)
         if boundary:
             if mask[p]:
-                adv[p, idx[p, 0]], adv[p, idx[p, 1]] = alpha, -alpha
+                adv[p, idx[p, 0]], adv[p, idx[p, 1]] = alpha, (-alpha if negative else 0.0)
         else:
             m = sum(r[p]) / G
             sd = (sum((x - m) ** 2 for x in r[p]) / (G - 1)) ** 0.5
@@ -175,15 +198,16 @@ def _random_group_batch(rng, P, G, hit_rate):
     return r, s
 
 
-@pytest.mark.parametrize("repair,boundary", [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("repair,boundary,negative", [(True, True, True), (True, False, True), (False, True, True),
+                                                      (False, False, True), (True, True, False)])
 @pytest.mark.parametrize("G", [2, 3, 8, 16])
-def test_vectorised_matches_loop(repair, boundary, G):
-    rng = np.random.default_rng(G * 10 + 2 * repair + boundary)
+def test_vectorised_matches_loop(repair, boundary, negative, G):
+    rng = np.random.default_rng(G * 10 + 2 * repair + boundary + 4 * negative)
     for hit_rate in (0.0, 0.05, 0.3, 0.9, 1.0):
         r, s = _random_group_batch(rng, 40, G, hit_rate)
         alpha = float(rng.uniform(0.1, 2.0))
-        sig = recast_signal(r, s, alpha=alpha, repair=repair, boundary=boundary)
-        lr, ls, anchor, adv, idx, mask = _loop_recast(r, s, alpha, repair, boundary)
+        sig = recast_signal(r, s, alpha=alpha, repair=repair, boundary=boundary, negative=negative)
+        lr, ls, anchor, adv, idx, mask = _loop_recast(r, s, alpha, repair, boundary, negative)
         np.testing.assert_array_equal(sig.rewards, lr)
         np.testing.assert_array_equal(sig.scores, ls)
         np.testing.assert_array_equal(sig.anchor_index, anchor)

@@ -27,12 +27,12 @@ def _batch(rng, P, G, hit_rate, coarse=True):
     return r, s
 
 
-@pytest.mark.parametrize("repair", [True, False])
+@pytest.mark.parametrize("repair,negative", [(True, True), (False, True), (True, False)])
 @pytest.mark.parametrize("G", [2, 8, 16])
-def test_cell_matches_numpy_on_random_inputs(repair, G):
+def test_cell_matches_numpy_on_random_inputs(repair, negative, G):
     P = 32
     alpha = 0.7
-    sel = RecastSelect(group_size=G, alpha=alpha, repair=repair)
+    sel = RecastSelect(group_size=G, alpha=alpha, repair=repair, negative=negative)
     rng = np.random.default_rng(G + 100 * repair)
     trials = 0
     for hit_rate in (0.0, 0.05, 0.2, 0.6, 1.0):
@@ -41,7 +41,7 @@ def test_cell_matches_numpy_on_random_inputs(repair, G):
             veto = rng.random(P) < 0.9
             out = sel(ms.Tensor(r), ms.Tensor(s), ms.Tensor(veto))
             idx, pair_adv, mask, repaired, anchor, r2, s2 = [o.asnumpy() for o in out]
-            ref = recast_signal(r, s, alpha=alpha, repair=repair, boundary=True, repair_mask=veto)
+            ref = recast_signal(r, s, alpha=alpha, repair=repair, boundary=True, negative=negative, repair_mask=veto)
             np.testing.assert_array_equal(repaired, ref.repaired)
             np.testing.assert_array_equal(anchor, ref.anchor_index)
             np.testing.assert_array_equal(mask, ref.active_mask)

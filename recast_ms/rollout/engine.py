@@ -1,4 +1,4 @@
-"""Rollout engine: SID-constrained sampling of G responses per prompt, and beam search.
+"""Rollout engine: SID-constrained sampling of G responses per prompt, beam search, and groups made of beams.
 
 The engine sees only token ids and next-token logits. A decoder (``recast_ms/rollout/decoder.py``)
 encodes each prompt ONCE, expands its cache to the G samples / K beams, and then feeds one token per
@@ -210,3 +210,42 @@ def beam_search(
         decoder.reorder(flat_parent)
         logits = decoder.step(seqs[:, t])
     return seqs.reshape(P, K, max_new_tokens), scores
+
+
+def beam_groups(
+    decoder: IncrementalDecoder,
+    prompt_ids: np.ndarray,
+    prompt_lens: np.ndarray,
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    constraint: Optional[SIDConstraint] = None,
+) -> Rollout:
+    """A group per prompt made of the G best beams of :func:`beam_search` (``rl.rollout=beam``), best
+    first: rows ``p*G .. p*G+G-1`` are prompt p's beams 0..G-1, exactly ``beam_search(beam_width=G)``'s
+    sequences. Shapes as :func:`sample_groups`: ``[P*G, R]``; ``logps`` are zeros (``beam_search`` keeps
+    only summed scores, and the trainer recomputes log-probs anyway).
+
+    Temperature and length normalisation: none. The beams are ranked by the policy's own summed
+    log-probs at temperature 1 -- the search evaluation runs -- so a group is what Pass@G measures and
+    an all-zero group is a Pass@G miss (all-zero ~= 1 - Pass@G, OpenOneRec-RL's recipe and the paper's
+    Table 2). Under the SID constraint every complete beam has exactly L codes + EOS, so length
+    normalisation could not reorder them. ``rl.temperature`` still scales the trainer's log-probs.
+    With ties in the estimators going to the lowest index, a tie goes to the more likely beam.
+
+    Raises ``ValueError`` when some prompt has fewer than G live beams (a catalogue smaller than G).
+    """
+    seqs, scores = beam_search(decoder, prompt_ids, prompt_lens, beam_width=group_size,
+                               max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, constraint=constraint)
+    if np.any(scores <= NEG_INF / 2):
+        raise ValueError(f"beam rollouts need G = {group_size} distinct responses per prompt, but the beam "
+                         f"search found fewer (catalogue smaller than G?); lower rl.group_size")
+    P, G, R = seqs.shape
+    ids = seqs.reshape(P * G, R)  # [P*G, R]
+    is_eos = ids == eos_id
+    # 1 up to and including the first EOS (all R positions when a beam never ends), as sample_groups
+    first_eos = np.where(is_eos.any(1), is_eos.argmax(1), R - 1)  # [P*G]
+    mask = (np.arange(R)[None, :] <= first_eos[:, None]).astype(np.float32)  # [P*G, R]
+    return Rollout(ids, mask, np.zeros((P * G, R), np.float32))

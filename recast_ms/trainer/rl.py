@@ -1,9 +1,10 @@
 """GRPO-style RL post-training with a replaceable advantage estimator (GRPO, repair-only,
-boundary-only, ReCast, adaptive ReCast).
+boundary-only, ReCast, adaptive ReCast, anchor-only).
 
 One step (``RLTrainer.step``)::
 
-    rollout   P prompts x G samples, each prompt encoded once (KV decoder), optionally SID-constrained
+    rollout   P prompts x G samples (``rl.rollout=sample``) or the G best beams of the constrained beam
+              search (``rl.rollout=beam``), each prompt encoded once (KV decoder)
     reward    binary hit + structural score per sample                               [P, G]
     signal    estimator -> advantages; boundary estimators select (pos, neg) per group [P, 2]
     gather    boundary estimators keep only the active pair: [P*G, T] -> [2P, T], BEFORE any actor work
@@ -27,15 +28,15 @@ import numpy as np
 
 from recast_ms.config import RunConfig, check_compatible
 from recast_ms.data.batching import encode_prompts, encode_targets, pack
-from recast_ms.signals import compute_signal, estimator_flags, score_responses, signal_diagnostics
+from recast_ms.evaluation import eval_subset
+from recast_ms.signals import (BOUNDARY_ESTIMATORS, compute_signal, estimator_flags, score_responses,
+                               signal_diagnostics)
 from recast_ms.trainer import checkpoint as ckpt
 from recast_ms.trainer import guard
 from recast_ms.trainer.setup import build_model, get_tokenizer, init_runtime, load_splits, quiet_stdout, response_len
 from recast_ms.utils.tracking import MetricsLogger, StageTimer, current_rss_mb, peak_rss_mb
 
 logger = logging.getLogger(__name__)
-
-BOUNDARY_ESTIMATORS = ("recast", "boundary_only", "recast_adaptive")
 
 
 def _rl_loss_cell(model, rcfg, response_len: int, on_policy: bool):
@@ -142,7 +143,7 @@ class RLTrainer:
         self.rl_samples = rl_samples
         self.rl_prompts = encode_prompts(rl_samples, cb, self.tok, self.Tp, cfg.data.with_titles)
         self.rl_anchors = encode_targets(rl_samples, cb, self.tok, self.R)  # ground-truth responses [N, R]
-        self.eval_samples = self.splits.test[: cfg.data.max_eval_prompts or None]
+        self.eval_samples = eval_subset(self.splits.test, cfg.data.max_eval_prompts, cfg.data.eval_subset_seed)
         self.token_map = sid_token_map(self.tok, cb)
         self.constraint = SIDConstraint(cb.trie, self.token_map, self.tok.eos_id, self.tok.vocab_size) \
             if self.rcfg.constrained else None
@@ -157,7 +158,7 @@ class RLTrainer:
         self.micro = min(r.micro_batch_size, self.batch_rows)
         self.num_micro = -(-self.batch_rows // self.micro)
         if self.boundary:
-            self.select = RecastSelect(self.G, r.alpha, repair=self.flags["repair"])
+            self.select = RecastSelect(self.G, r.alpha, repair=self.flags["repair"], negative=self.flags["negative"])
             self.gather = GatherActive(self.G)
         self.adaptive = AdaptiveRepair(r.adaptive_target, r.adaptive_floor, r.adaptive_momentum) \
             if r.estimator == "recast_adaptive" else None
@@ -237,11 +238,15 @@ class RLTrainer:
         p_ids, p_lens = self.rl_prompts.ids[idx], self.rl_prompts.lens[idx]
         anchors = self.rl_anchors[idx]  # [P, R] the ground truth rendered exactly as a response
         with T("rollout"):
-            from recast_ms.rollout.engine import sample_groups
+            from recast_ms.rollout.engine import beam_groups, sample_groups
 
-            ro = sample_groups(self.decoder, p_ids, p_lens, group_size=G, max_new_tokens=self.R,
-                               eos_id=self.tok.eos_id, pad_id=pad, rng=self._rng(0), constraint=self.constraint,
-                               temperature=r.temperature, top_k=r.top_k, top_p=r.top_p)
+            if r.rollout == "beam":  # the G best beams, best first (temperature 1, no length normalisation)
+                ro = beam_groups(self.decoder, p_ids, p_lens, group_size=G, max_new_tokens=self.R,
+                                 eos_id=self.tok.eos_id, pad_id=pad, constraint=self.constraint)
+            else:
+                ro = sample_groups(self.decoder, p_ids, p_lens, group_size=G, max_new_tokens=self.R,
+                                   eos_id=self.tok.eos_id, pad_id=pad, rng=self._rng(0), constraint=self.constraint,
+                                   temperature=r.temperature, top_k=r.top_k, top_p=r.top_p)
         with T("reward"):
             rewards, scores, valid = self._rewards(ro.response_ids, samples)  # [P, G]
             resp_mask = ro.response_mask  # [P*G, R]
@@ -259,7 +264,8 @@ class RLTrainer:
                                     act_idx, repaired).asnumpy()
                 repaired, act_mask = repaired.asnumpy(), act_mask.asnumpy()
                 adv_rows = pair_adv.asnumpy().reshape(-1)  # [2P]
-                row_live = np.repeat(act_mask, 2).astype(np.float32)  # skipped groups: zero loss mask
+                # skipped groups, and anchor_only's negative row (advantage 0), carry no loss at all
+                row_live = (np.repeat(act_mask, 2) & (adv_rows != 0)).astype(np.float32)
                 prompt_rows = np.repeat(np.arange(P), 2)
                 active_index = act_idx.asnumpy()
             else:
@@ -279,7 +285,7 @@ class RLTrainer:
         return {"input_ids": input_ids, "resp_start": p_lens[prompt_rows].astype(np.int32), "loss_mask": loss_mask,
                 "advantages": adv_rows.astype(np.float32),
                 "rewards": rewards, "scores": scores, "valid": valid, "repaired": repaired, "active_mask": act_mask,
-                "active_index": active_index, "prompt_index": idx}
+                "active_index": active_index, "prompt_index": idx, "rollout_ids": ro.response_ids}
 
     def update(self, batch: dict) -> Dict[str, float]:
         """Old/ref log-probs and the actor update over micro-batches of a fixed shape."""
@@ -371,7 +377,7 @@ class RLTrainer:
         log = MetricsLogger(self.run_dir, resume_step=self.step_idx if resumed else None,
                             tensorboard=self.rank == 0) if self.rank == 0 else None
         history = []
-        if evaluate and self.step_idx == 0 and self.rank == 0:
+        if evaluate and self.step_idx == 0 and self.rank == 0 and self.rcfg.eval_due(0):
             m0 = self.evaluate()
             log.log(0, m0)
             history.append({"step": 0, **m0})
@@ -384,7 +390,7 @@ class RLTrainer:
             bar.set_postfix(reward=f"{m['reward/mean']:.3f}", all0=f"{m['signals/all_zero_group_ratio']:.2f}",
                             loss=f"{m['actor/loss']:.3f}")
             s = self.step_idx
-            if evaluate and self.rank == 0 and (s % self.rcfg.eval_every == 0 or s == self.rcfg.steps):
+            if evaluate and self.rank == 0 and self.rcfg.eval_due(s):
                 m.update(self.evaluate())
             if log is not None:
                 log.log(s, m)
