@@ -104,7 +104,11 @@ class RLConfig:
     top_k: int = 0
     top_p: float = 1.0
     constrained: bool = True
-    micro_batch_size: int = 128
+    # rows per forward/backward graph call; on CPU a compiled graph keeps ~25 MB per row of the tiny model's grad
+    # graph (~39 MB per row per layer at Qwen3-0.6B), so this sets the memory (README "Memory and speed")
+    micro_batch_size: int = 16
+    # rows the rollout decodes at once (whole prompts; 0 = all P*G): a decode graph's memory grows with its rows
+    rollout_rows: int = 256
     ppo_epochs: int = 1
     eps: float = 1e-6
     eval_every: int = 10
@@ -137,6 +141,7 @@ class RLConfig:
         _require(self.temperature > 0, "rl.temperature must be > 0")
         _require(self.top_k >= 0 and 0 < self.top_p <= 1, "rl.top_k must be >= 0 and rl.top_p in (0, 1]")
         _require(self.micro_batch_size >= 1 and self.ppo_epochs >= 1, "rl.micro_batch_size and rl.ppo_epochs must be >= 1")
+        _require(self.rollout_rows >= 0, "rl.rollout_rows must be >= 0 (0: all P*G rows at once)")
         _require(0 < self.adaptive_target <= 1 and 0 <= self.adaptive_floor <= 1, "rl.adaptive_target in (0, 1], rl.adaptive_floor in [0, 1]")
         _require(0 <= self.adaptive_momentum < 1, "rl.adaptive_momentum must be in [0, 1)")
         _require(self.rollout in ("sample", "beam"), f"rl.rollout must be 'sample' or 'beam', got {self.rollout!r}")

@@ -24,7 +24,8 @@ sys.path.insert(0, ROOT)
 def worker_overrides(args):
     """The RL config of one worker process (the same for both estimators but ``rl.estimator``)."""
     return [f"rl.estimator={args.estimator}", f"rl.group_size={args.group_size}",
-            f"rl.prompts_per_step={args.prompts}", f"rl.steps={args.steps}", f"rl.micro_batch_size={args.micro}",
+            f"rl.prompts_per_step={args.prompts}", f"rl.steps={args.steps}",
+            *([f"rl.micro_batch_size={args.micro}"] if args.micro else []),
             f"model_config={args.model}", "rl.kl_coef=0.001", f"data.num_users={max(600, 4 * args.prompts)}",
             f"rl.rollout={args.rollout}"]
 
@@ -69,7 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--group-size", type=int, default=32)
     p.add_argument("--prompts", type=int, default=16, help="P prompts per step")
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--micro", type=int, default=128, help="rl.micro_batch_size for both estimators")
+    p.add_argument("--micro", type=int, default=0,
+                   help="rl.micro_batch_size for both estimators (0: the config default, 16 rows)")
     p.add_argument("--model", default="model_configs/qwen3_tiny.yaml")
     p.add_argument("--rollout", default="sample", choices=["sample", "beam"],
                    help="rl.rollout: G sampled responses per prompt, or the G best constrained beams")

@@ -61,6 +61,21 @@ def test_constrained_sampling_only_valid_items(setup):
     np.testing.assert_array_equal(ro.response_mask, 1.0)
 
 
+@pytest.mark.parametrize("max_rows", [16, 40, 48])
+def test_chunked_sampling_equals_one_pass(setup, max_rows):
+    """max_rows decodes whole prompts per chunk, one static chunk shape; the samples are the same."""
+    tmap, trie, sids, W, cons, V = setup
+    prompts = np.array([[2, 2, 0], [2, 5, 0], [2, 7, 0], [5, 2, 2]])
+    kw = dict(group_size=16, max_new_tokens=4, eos_id=EOS, pad_id=PAD, constraint=cons)
+    whole = sample_groups(BigramDecoder(W), prompts, np.array([2, 2, 2, 3]), rng=np.random.default_rng(3), **kw)
+    dec = BigramDecoder(W)
+    part = sample_groups(dec, prompts, np.array([2, 2, 2, 3]), rng=np.random.default_rng(3), max_rows=max_rows, **kw)
+    for field in ("response_ids", "response_mask", "logps"):
+        np.testing.assert_array_equal(getattr(part, field), getattr(whole, field))
+    per_chunk = max(1, max_rows // 16)
+    assert dec.encoded_rows == -(-4 // per_chunk) * per_chunk  # the short last chunk is filled to one shape
+
+
 def test_sampling_matches_model_distribution(setup):
     tmap, trie, sids, W, cons, V = setup
     dec = BigramDecoder(W)

@@ -97,7 +97,7 @@ def test_other_weight_layouts_match_numpy_reference(tied, ids):
     model = load_hf_qwen3(directory, seq_length=SEQ, pad_token_id=PAD, eos_token_id=EOS, contiguous_mlp=False,
                           use_contiguous_weight_layout_attention=True)
     kinds = {type(cell).__name__ for _, cell in model.cells_and_names()}
-    assert {"MLPInterleaved", "CpuSelfAttentionContiguous"} <= kinds  # the CPU subclass of SelfAttentionContiguous
+    assert {"CpuMLPInterleaved", "CpuSelfAttentionContiguous"} <= kinds  # the CPU subclasses of both layouts
     np.testing.assert_allclose(_logits(model, ids), hf_qwen3_logits(weights, ids, config, pad_id=PAD),
                                rtol=0, atol=1e-5)
 

@@ -29,6 +29,8 @@ PATCH_TARGETS = (
     ("self_attention", f"{_TG}.base_models.gpt.gpt_layer_specs", "SelfAttention", "SelfAttention"),
     ("self_attention_contiguous", f"{_TG}.base_models.gpt.gpt_layer_specs", "SelfAttentionContiguous",
      "SelfAttentionContiguous"),
+    ("mlp", f"{_TG}.base_models.gpt.gpt_layer_specs", "MLP", "MLP"),
+    ("mlp_interleaved", f"{_TG}.base_models.gpt.gpt_layer_specs", "MLPInterleaved", "MLPInterleaved"),
     ("dropout_layer", f"{_TG}.transformer.transformer_layer", "Dropout", "Dropout"),
     ("dropout_embedding", f"{_TG}.base_models.common.embeddings.language_model_embedding", "Dropout", "Dropout"),
     ("embedding", f"{_TG}.base_models.common.embeddings.language_model_embedding", "VocabParallelEmbedding",
@@ -201,17 +203,111 @@ def _replacements() -> dict:
     # and two reductions of [S, B, Nkv, D] tensors per layer and direction.
     from mindformers.parallel_core.training_graph.transformer.attention import SelfAttention, SelfAttentionContiguous
 
+    # Patch 3c (q/k/v from split weights): MindFormers runs the fused q/k/v projection, then splits its 4-D
+    # [S, B, Nkv, (rep+2)*D] output on the last axis; on CPU a 4-D split is slow, so the small fused WEIGHT is
+    # split instead and q, k, v come from three 2-D matmuls (the same numbers).
+    def _qkv_from_weights(att, hidden_states, contiguous):
+        seq, bsz, hidden = hidden_states.shape
+        x = ops.reshape(hidden_states, (-1, hidden))  # (S*B, H)
+        weight = att.linear_qkv.weight  # (rows, H): [Q; K; V] (contiguous) or per kv group [q_g; k_g; v_g]
+        nkv, rep, dim = att.kv_num_heads, att.n_rep, att.head_dim
+        if contiguous:
+            wq, wk, wv = weight[: nkv * rep * dim], weight[nkv * rep * dim : nkv * (rep + 1) * dim], \
+                weight[nkv * (rep + 1) * dim :]
+        else:
+            grouped = ops.reshape(weight, (nkv, (rep + 2) * dim, hidden))
+            wq = ops.reshape(grouped[:, : rep * dim], (-1, hidden))
+            wk = ops.reshape(grouped[:, rep * dim : (rep + 1) * dim], (-1, hidden))
+            wv = ops.reshape(grouped[:, (rep + 1) * dim :], (-1, hidden))
+        query = ops.reshape(att.cpu_mm(x, wq), (seq, bsz, nkv, rep * dim))
+        key = ops.reshape(att.cpu_mm(x, wk), (seq, bsz, nkv, dim))
+        value = ops.reshape(att.cpu_mm(x, wv), (seq, bsz, nkv, dim))
+        if att.q_layernorm is not None:
+            query = ops.reshape(att.q_layernorm(ops.reshape(query, (seq, bsz, -1, dim))), (seq, bsz, nkv, rep * dim))
+        if att.k_layernorm is not None:
+            key = ops.reshape(att.k_layernorm(key), (seq, bsz, nkv, dim))
+        return query, key, value
+
+    def _check_plain_qkv(att):
+        if att.linear_qkv.has_bias or att.cp > 1:
+            raise NotImplementedError("CPU self-attention: q/k/v bias and context parallelism are not supported")
+
     class CpuSelfAttention(SelfAttention):
-        """MindFormers' SelfAttention whose k/v reach the (CPU) core attention with their Nkv heads."""
+        """MindFormers' SelfAttention: q/k/v from split weights, k/v left with their Nkv heads."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            _check_plain_qkv(self)
+            self.cpu_mm = ops.MatMul(transpose_b=True)
+
+        def get_query_key_value_tensors(self, hidden_states, key_value_states=None, sharded_key=None,
+                                        sharded_value=None):
+            return _qkv_from_weights(self, hidden_states, contiguous=False)
 
         def _repeat_kv(self, x, rep):
             return x
 
     class CpuSelfAttentionContiguous(SelfAttentionContiguous):
-        """MindFormers' SelfAttentionContiguous whose k/v reach the (CPU) core attention with their Nkv heads."""
+        """MindFormers' SelfAttentionContiguous: q/k/v from split weights, k/v left with their Nkv heads."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            _check_plain_qkv(self)
+            self.cpu_mm = ops.MatMul(transpose_b=True)
+
+        def get_query_key_value_tensors(self, hidden_states, key_value_states=None, sharded_key=None,
+                                        sharded_value=None):
+            return _qkv_from_weights(self, hidden_states, contiguous=True)
 
         def _repeat_kv(self, x, rep):
             return x
+
+    # Patch 3d (SwiGLU from split weights): likewise MindFormers splits the [S, B, 2I] fc1 output (contiguous
+    # [gate; up] rows) or reshapes it to [S, B, I, 2] (interleaved rows); on CPU the gate and up weights are
+    # split and multiplied on a 2-D view instead.
+    from mindformers.parallel_core.training_graph.transformer.mlp import MLP, MLPInterleaved
+
+    def _swiglu_from_weights(mlp, hidden_states, interleaved):
+        seq, bsz, hidden = hidden_states.shape
+        x = ops.reshape(hidden_states, (-1, hidden))  # (S*B, H)
+        weight = mlp.linear_fc1.weight  # (2I, H)
+        if interleaved:  # rows gate_0, up_0, gate_1, up_1, ...
+            pairs = ops.reshape(weight, (-1, 2, hidden))
+            w_gate, w_up = pairs[:, 0], pairs[:, 1]
+        else:  # rows [gate; up]
+            half = weight.shape[0] // 2
+            w_gate, w_up = weight[:half], weight[half:]
+        inner = ops.silu(mlp.cpu_mm(x, w_gate)) * mlp.cpu_mm(x, w_up)  # (S*B, I)
+        output, output_bias = mlp.linear_fc2(ops.reshape(inner, (seq, bsz, -1)))
+        return output, output_bias
+
+    def _check_plain_mlp(mlp):
+        if not mlp.gated_linear_unit or mlp.activation_type != "swiglu" or mlp.mlp_has_bias:
+            raise NotImplementedError("CPU MLP: only bias-free SwiGLU (Qwen3's) is supported")
+
+    class CpuMLP(MLP):
+        """MindFormers' MLP ([gate; up] rows) with SwiGLU computed from split weights."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            _check_plain_mlp(self)
+            self.cpu_mm = ops.MatMul(transpose_b=True)
+
+        def construct(self, hidden_states, per_token_scale=None, extra_loss=0.):
+            output, output_bias = _swiglu_from_weights(self, hidden_states, interleaved=False)
+            return output, output_bias, extra_loss
+
+    class CpuMLPInterleaved(MLPInterleaved):
+        """MindFormers' MLPInterleaved (gate/up rows interleaved) with SwiGLU computed from split weights."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            _check_plain_mlp(self)
+            self.cpu_mm = ops.MatMul(transpose_b=True)
+
+        def construct(self, hidden_states, per_token_scale=None, extra_loss=0.):
+            output, output_bias = _swiglu_from_weights(self, hidden_states, interleaved=True)
+            return output, output_bias, extra_loss
 
     # Patch 4 (Dropout): DropoutExt has no CPU kernel, and HF Qwen3 trains without dropout. The replacement
     # is the identity and refuses a non-zero probability instead of failing later inside the compiled graph.
@@ -252,6 +348,8 @@ def _replacements() -> dict:
         "core_attention": CpuCoreAttention,
         "self_attention": CpuSelfAttention,
         "self_attention_contiguous": CpuSelfAttentionContiguous,
+        "mlp": CpuMLP,
+        "mlp_interleaved": CpuMLPInterleaved,
         "dropout_layer": CpuNoDropout,
         "dropout_embedding": CpuNoDropout,
         "embedding": CpuVocabParallelEmbedding,

@@ -85,7 +85,7 @@ class Qwen3Spec:
                 unsupported.append(f"layer {index}: NoPE layer or context parallel")
             if a.linear_qkv.has_bias or a.linear_proj.has_bias:
                 unsupported.append(f"layer {index}: attention biases")
-            if type(layer.mlp) not in (MLP, MLPInterleaved) or not layer.mlp.gated_linear_unit \
+            if not isinstance(layer.mlp, (MLP, MLPInterleaved)) or not layer.mlp.gated_linear_unit \
                     or layer.mlp.activation_type != "swiglu" or layer.mlp.linear_fc1.has_bias \
                     or layer.mlp.linear_fc2.has_bias:
                 unsupported.append(f"layer {index}: MLP other than bias-free SwiGLU (MoE?)")

@@ -131,12 +131,37 @@ def sample_groups(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    max_rows: int = 0,
 ) -> Rollout:
-    """G samples per prompt: rows ``p*G .. p*G+G-1`` belong to prompt p. Shapes: ``[P*G, R]``."""
+    """G samples per prompt: rows ``p*G .. p*G+G-1`` belong to prompt p. Shapes: ``[P*G, R]``.
+
+    ``max_rows > 0`` decodes at most that many rows at a time (whole prompts, at least one), every chunk with
+    the same static shape (the last is filled with copies of its first prompt, dropped): on the CPU backend a
+    decode graph keeps memory in proportion to its rows. The samples do not depend on the chunking: the
+    uniforms of all rows and steps are drawn up front, in the order an unchunked run draws them.
+    """
     if temperature <= 0:
         raise ValueError("temperature must be > 0 (use beam_search for greedy)")
-    P = prompt_ids.shape[0]
-    N = P * group_size
+    P, G = prompt_ids.shape[0], group_size
+    uniforms = rng.random((max_new_tokens, P * G))  # [R, P*G], row t = what step t of one pass draws
+    per_chunk = P if max_rows <= 0 else max(1, min(P, max_rows // G))
+    parts = []
+    for start in range(0, P, per_chunk):
+        idx = np.arange(start, min(start + per_chunk, P))
+        fill = np.concatenate([idx, np.repeat(idx[:1], per_chunk - len(idx))])  # one static chunk shape
+        cols = (fill[:, None] * G + np.arange(G)[None]).reshape(-1)  # [chunk*G] columns of `uniforms`
+        part = _sample_rows(decoder, prompt_ids[fill], prompt_lens[fill], G, uniforms[:, cols], max_new_tokens,
+                            eos_id, pad_id, constraint, temperature, top_k, top_p)
+        keep = len(idx) * G
+        parts.append(Rollout(part.response_ids[:keep], part.response_mask[:keep], part.logps[:keep]))
+    return Rollout(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("response_ids", "response_mask",
+                                                                                "logps")))
+
+
+def _sample_rows(decoder, prompt_ids, prompt_lens, group_size, uniforms, max_new_tokens, eos_id, pad_id,
+                 constraint, temperature, top_k, top_p) -> Rollout:
+    """One decoder pass over ``P`` prompts x ``G`` samples, with the given ``uniforms [R, P*G]``."""
+    N = prompt_ids.shape[0] * group_size
     logits = decoder.start(prompt_ids, prompt_lens, group_size)  # [N, V]
     out = np.full((N, max_new_tokens), pad_id, np.int64)
     mask = np.zeros((N, max_new_tokens), np.float32)
@@ -148,7 +173,7 @@ def sample_groups(
             lg = np.where(_fit(constraint.mask(t, out[:, :t]), lg), lg, NEG_INF)
         lg = _top_k_top_p(lg, top_k, top_p)
         probs = _softmax(lg)
-        u = rng.random(N)[:, None]
+        u = uniforms[t][:, None]
         tok = np.minimum((probs.cumsum(axis=1) < u).sum(axis=1), probs.shape[1] - 1)  # inverse-CDF draw
         tok = np.where(done, pad_id, tok)
         out[:, t] = tok

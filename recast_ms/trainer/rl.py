@@ -246,7 +246,7 @@ class RLTrainer:
             else:
                 ro = sample_groups(self.decoder, p_ids, p_lens, group_size=G, max_new_tokens=self.R,
                                    eos_id=self.tok.eos_id, pad_id=pad, rng=self._rng(0), constraint=self.constraint,
-                                   temperature=r.temperature, top_k=r.top_k, top_p=r.top_p)
+                                   temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, max_rows=r.rollout_rows)
         with T("reward"):
             rewards, scores, valid = self._rewards(ro.response_ids, samples)  # [P, G]
             resp_mask = ro.response_mask  # [P*G, R]
