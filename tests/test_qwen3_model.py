@@ -335,3 +335,16 @@ def test_built_model_uses_only_cpu_layers(tiny):
     assert {"CpuRMSNorm", "CpuOuter", "CpuCoreAttention", "CpuSelfAttention", "CpuNoDropout",
             "CpuVocabParallelEmbedding"} <= kinds
     assert not kinds & {"FusedRMSNorm", "FlashAttention", "Dropout", "VocabParallelEmbedding"}
+
+
+def test_cpu_split_paths_agree(tiny, batch):
+    """The CPU q/k/v and SwiGLU patches split the weights when a graph has more token rows than the hidden
+    size, else the activations: a row's logits must not depend on which path its batch took."""
+    ids, _ = batch
+    tiny.set_train(False)
+    hidden = tiny.config.hidden_size
+    few = tiny(ms.Tensor(ids)).asnumpy()  # 4 x SEQ rows <= hidden: activation split
+    reps = -(-(hidden + 1) // (len(ids) * SEQ))
+    assert len(ids) * SEQ <= hidden < reps * len(ids) * SEQ
+    many = tiny(ms.Tensor(np.tile(ids, (reps, 1)))).asnumpy()[: len(ids) * SEQ]  # weight split
+    np.testing.assert_allclose(many, few, rtol=0, atol=2e-5)

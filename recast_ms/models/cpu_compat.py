@@ -203,25 +203,41 @@ def _replacements() -> dict:
     # and two reductions of [S, B, Nkv, D] tensors per layer and direction.
     from mindformers.parallel_core.training_graph.transformer.attention import SelfAttention, SelfAttentionContiguous
 
-    # Patch 3c (q/k/v from split weights): MindFormers runs the fused q/k/v projection, then splits its 4-D
-    # [S, B, Nkv, (rep+2)*D] output on the last axis; on CPU a 4-D split is slow, so the small fused WEIGHT is
-    # split instead and q, k, v come from three 2-D matmuls (the same numbers).
+    # Patch 3c (q/k/v on 2-D views): MindFormers runs the fused q/k/v projection, then splits its 4-D
+    # [S, B, Nkv, (rep+2)*D] output on the last axis, which is slow on CPU. Here the split is on 2-D views, of
+    # the fused WEIGHT when the graph has more token rows than the hidden size (a split costs ~ its tensor: the
+    # tiny model's micro-batches), else of the 2-D activation (Qwen3-0.6B at a few rows: splitting its weights
+    # every call cost 4x the step time, measured). The same numbers either way.
+    def _weights_cheaper(rows, hidden):
+        return rows > hidden
+
     def _qkv_from_weights(att, hidden_states, contiguous):
         seq, bsz, hidden = hidden_states.shape
         x = ops.reshape(hidden_states, (-1, hidden))  # (S*B, H)
         weight = att.linear_qkv.weight  # (rows, H): [Q; K; V] (contiguous) or per kv group [q_g; k_g; v_g]
         nkv, rep, dim = att.kv_num_heads, att.n_rep, att.head_dim
-        if contiguous:
-            wq, wk, wv = weight[: nkv * rep * dim], weight[nkv * rep * dim : nkv * (rep + 1) * dim], \
-                weight[nkv * (rep + 1) * dim :]
+        if _weights_cheaper(seq * bsz, hidden):
+            if contiguous:
+                wq, wk, wv = weight[: nkv * rep * dim], weight[nkv * rep * dim : nkv * (rep + 1) * dim], \
+                    weight[nkv * (rep + 1) * dim :]
+            else:
+                grouped = ops.reshape(weight, (nkv, (rep + 2) * dim, hidden))
+                wq = ops.reshape(grouped[:, : rep * dim], (-1, hidden))
+                wk = ops.reshape(grouped[:, rep * dim : (rep + 1) * dim], (-1, hidden))
+                wv = ops.reshape(grouped[:, (rep + 1) * dim :], (-1, hidden))
+            q2, k2, v2 = att.cpu_mm(x, wq), att.cpu_mm(x, wk), att.cpu_mm(x, wv)
         else:
-            grouped = ops.reshape(weight, (nkv, (rep + 2) * dim, hidden))
-            wq = ops.reshape(grouped[:, : rep * dim], (-1, hidden))
-            wk = ops.reshape(grouped[:, rep * dim : (rep + 1) * dim], (-1, hidden))
-            wv = ops.reshape(grouped[:, (rep + 1) * dim :], (-1, hidden))
-        query = ops.reshape(att.cpu_mm(x, wq), (seq, bsz, nkv, rep * dim))
-        key = ops.reshape(att.cpu_mm(x, wk), (seq, bsz, nkv, dim))
-        value = ops.reshape(att.cpu_mm(x, wv), (seq, bsz, nkv, dim))
+            qkv = att.cpu_mm(x, weight)  # (S*B, rows)
+            if contiguous:
+                q2, k2, v2 = qkv[:, : nkv * rep * dim], qkv[:, nkv * rep * dim : nkv * (rep + 1) * dim], \
+                    qkv[:, nkv * (rep + 1) * dim :]
+            else:
+                grouped = ops.reshape(qkv, (seq * bsz, nkv, (rep + 2) * dim))
+                q2, k2, v2 = grouped[:, :, : rep * dim], grouped[:, :, rep * dim : (rep + 1) * dim], \
+                    grouped[:, :, (rep + 1) * dim :]
+        query = ops.reshape(q2, (seq, bsz, nkv, rep * dim))
+        key = ops.reshape(k2, (seq, bsz, nkv, dim))
+        value = ops.reshape(v2, (seq, bsz, nkv, dim))
         if att.q_layernorm is not None:
             query = ops.reshape(att.q_layernorm(ops.reshape(query, (seq, bsz, -1, dim))), (seq, bsz, nkv, rep * dim))
         if att.k_layernorm is not None:
@@ -262,22 +278,31 @@ def _replacements() -> dict:
         def _repeat_kv(self, x, rep):
             return x
 
-    # Patch 3d (SwiGLU from split weights): likewise MindFormers splits the [S, B, 2I] fc1 output (contiguous
-    # [gate; up] rows) or reshapes it to [S, B, I, 2] (interleaved rows); on CPU the gate and up weights are
-    # split and multiplied on a 2-D view instead.
+    # Patch 3d (SwiGLU on 2-D views): likewise MindFormers splits the [S, B, 2I] fc1 output (contiguous
+    # [gate; up] rows) or reshapes it to [S, B, I, 2] (interleaved rows); on CPU the gate and up halves come
+    # from the split weight or the 2-D activation, by the same rule as 3c.
     from mindformers.parallel_core.training_graph.transformer.mlp import MLP, MLPInterleaved
 
     def _swiglu_from_weights(mlp, hidden_states, interleaved):
         seq, bsz, hidden = hidden_states.shape
         x = ops.reshape(hidden_states, (-1, hidden))  # (S*B, H)
         weight = mlp.linear_fc1.weight  # (2I, H)
-        if interleaved:  # rows gate_0, up_0, gate_1, up_1, ...
-            pairs = ops.reshape(weight, (-1, 2, hidden))
-            w_gate, w_up = pairs[:, 0], pairs[:, 1]
-        else:  # rows [gate; up]
-            half = weight.shape[0] // 2
-            w_gate, w_up = weight[:half], weight[half:]
-        inner = ops.silu(mlp.cpu_mm(x, w_gate)) * mlp.cpu_mm(x, w_up)  # (S*B, I)
+        half = weight.shape[0] // 2
+        if _weights_cheaper(seq * bsz, hidden):
+            if interleaved:  # rows gate_0, up_0, gate_1, up_1, ...
+                pairs = ops.reshape(weight, (-1, 2, hidden))
+                w_gate, w_up = pairs[:, 0], pairs[:, 1]
+            else:  # rows [gate; up]
+                w_gate, w_up = weight[:half], weight[half:]
+            gate, up = mlp.cpu_mm(x, w_gate), mlp.cpu_mm(x, w_up)
+        else:
+            both = mlp.cpu_mm(x, weight)  # (S*B, 2I)
+            if interleaved:
+                pairs = ops.reshape(both, (seq * bsz, half, 2))
+                gate, up = pairs[:, :, 0], pairs[:, :, 1]
+            else:
+                gate, up = both[:, :half], both[:, half:]
+        inner = ops.silu(gate) * up  # (S*B, I)
         output, output_bias = mlp.linear_fc2(ops.reshape(inner, (seq, bsz, -1)))
         return output, output_bias
 
