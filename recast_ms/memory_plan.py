@@ -188,13 +188,18 @@ def cpu_features(rec: dict) -> Dict[str, float]:
     act = {"build": 0.0, "logprob": CPU_FWD_FRACTION, "train": 1.0 + CPU_FWD_FRACTION,
            "rl_step": 1.0 + CPU_FWD_FRACTION}[stage] * rows * per_row_grad
     roll = float(rec.get("rollout_rows", 0)) * seq * kv_bytes_per_token(s, compute_bytes=4) if stage == "rl_step" else 0.0
-    return {"params": float(s.num_params), "act": act, "roll": roll}
+    # an RL step also holds the frozen reference: 4 B/param in fp32, known, not fitted
+    ref = 4.0 * float(s.num_params) if stage == "rl_step" else 0.0
+    # gradient-accumulation buffers (4 B/param) unless one micro-batch covered the step (the fused step)
+    if stage in ("train", "rl_step") and not rec.get("fused", False):
+        ref += 4.0 * float(s.num_params)
+    return {"params": float(s.num_params), "act": act, "roll": roll, "ref": ref}
 
 
 def predict_cpu_rss_mb(rec: dict, constants: Dict[str, float]) -> float:
     f = cpu_features(rec)
     return (constants["base_mb"] + (constants["bytes_per_param"] * f["params"] + constants["k_act"] * f["act"]
-                                    + constants["k_roll"] * f["roll"]) / MB)
+                                    + constants["k_roll"] * f["roll"] + f["ref"]) / MB)
 
 
 def load_records(path: str = CALIBRATION_FILE) -> List[dict]:
@@ -215,7 +220,7 @@ def fit_constants(records: Sequence[dict]) -> Dict[str, float]:
     names = ["base_mb"] + (["bytes_per_param"] if fit_bpp else []) + ["k_act", "k_roll"]
     cols = {"base_mb": [1.0] * len(feats), "bytes_per_param": [f["params"] / MB for f in feats],
             "k_act": [f["act"] / MB for f in feats], "k_roll": [f["roll"] / MB for f in feats]}
-    target = y.copy()
+    target = y - np.array([f["ref"] / MB for f in feats])
     if not fit_bpp:
         target = target - np.array([CPU_PRIOR["bytes_per_param"] * f["params"] / MB for f in feats])
     a = np.array([cols[n] for n in names]).T
