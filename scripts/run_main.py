@@ -11,6 +11,7 @@
 
 Every stage checkpoints; re-running the command resumes where a killed run stopped.
 """
+import argparse
 import os
 import sys
 import time
@@ -19,37 +20,59 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from recast_ms.cli import base_parser, setup_logging  # noqa: E402
 
 
+def _stage(args, *stage):
+    """Run one stage in its own process: on the CPU backend each compiled graph keeps its memory for the
+    process's life, so SFT, GRPO and ReCast in one process added up (3.9 GB measured); apart, the job's peak
+    is its largest stage's. A failing stage stops the job with its exit status; rerunning resumes."""
+    import subprocess
+
+    cmd = [sys.executable, os.path.abspath(__file__), "--out", args.out, "--stage", *stage]
+    if args.config:
+        cmd += ["--config", args.config]
+    rc = subprocess.run(cmd + list(args.overrides)).returncode
+    if rc:
+        sys.exit(rc)
+
+
 def main():
     p = base_parser(__doc__)
     p.add_argument("--out", default="runs/main")
     p.add_argument("--estimators", default="grpo,recast", help="comma-separated estimators to compare")
+    p.add_argument("--stage", nargs="+", default=None, help=argparse.SUPPRESS)  # internal: sft | rl EST
     args = p.parse_args()
     setup_logging()
-    import gc
-
     from recast_ms.config import load_config
-    from recast_ms.report import comparison_rows, format_comparison, plot_runs, write_comparison
-    from recast_ms.trainer import checkpoint as ckpt
-    from recast_ms.trainer.rl import RLTrainer
-    from recast_ms.trainer.sft import run_sft
 
-    cfg = load_config(args.config, args.overrides)
-    t0 = time.time()
+    cfg = load_config(args.config, args.overrides)  # checked here, before any stage starts
     sft_dir = os.path.join(args.out, "sft")
+    if args.stage:
+        from recast_ms.trainer import checkpoint as ckpt
+
+        if args.stage[0] == "sft":
+            from recast_ms.trainer.sft import run_sft
+
+            run_sft(cfg, sft_dir)
+        else:
+            from recast_ms.trainer.rl import RLTrainer
+
+            est = args.stage[1]
+            c = load_config(args.config, list(args.overrides) + [f"rl.estimator={est}"])
+            RLTrainer(c, os.path.join(args.out, f"rl_{est}"), ckpt.latest_checkpoint(sft_dir),
+                      os.path.join(sft_dir, "tokenizer")).train()
+        return
+
+    from recast_ms.report import comparison_rows, format_comparison, plot_runs, write_comparison
+
+    t0 = time.time()
     print(f"[1/3] SFT on {cfg.data.source} data -> {sft_dir}", flush=True)
-    run_sft(cfg, sft_dir)
-    init = ckpt.latest_checkpoint(sft_dir)
+    _stage(args, "sft")
     runs = {}
     names = [e.strip() for e in args.estimators.split(",") if e.strip()]
     for i, est in enumerate(names):
         rdir = os.path.join(args.out, f"rl_{est}")
         print(f"[2/3] RL {i + 1}/{len(names)}: {est} -> {rdir}", flush=True)
-        c = load_config(args.config, list(args.overrides) + [f"rl.estimator={est}"])
-        trainer = RLTrainer(c, rdir, init, os.path.join(sft_dir, "tokenizer"))
-        trainer.train()
+        _stage(args, "rl", est)
         runs[est] = rdir
-        del trainer
-        gc.collect()
     print("[3/3] report", flush=True)
     rows = comparison_rows(runs)
     table = format_comparison(rows)
