@@ -248,35 +248,29 @@ def _replacements() -> dict:
         if att.linear_qkv.has_bias or att.cp > 1:
             raise NotImplementedError("CPU self-attention: q/k/v bias and context parallelism are not supported")
 
-    class CpuSelfAttention(SelfAttention):
-        """MindFormers' SelfAttention: q/k/v from split weights, k/v left with their Nkv heads."""
+    def _cpu_attention(base, contiguous: bool):
+        class CpuAttention(base):
+            """MindFormers' self-attention on CPU: q/k/v split on 2-D views, k/v left with their Nkv heads."""
 
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            _check_plain_qkv(self)
-            self.cpu_mm = ops.MatMul(transpose_b=True)
+            cpu_contiguous = contiguous
 
-        def get_query_key_value_tensors(self, hidden_states, key_value_states=None, sharded_key=None,
-                                        sharded_value=None):
-            return _qkv_from_weights(self, hidden_states, contiguous=False)
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                _check_plain_qkv(self)
+                self.cpu_mm = ops.MatMul(transpose_b=True)
 
-        def _repeat_kv(self, x, rep):
-            return x
+            def get_query_key_value_tensors(self, hidden_states, key_value_states=None, sharded_key=None,
+                                            sharded_value=None):
+                return _qkv_from_weights(self, hidden_states, self.cpu_contiguous)
 
-    class CpuSelfAttentionContiguous(SelfAttentionContiguous):
-        """MindFormers' SelfAttentionContiguous: q/k/v from split weights, k/v left with their Nkv heads."""
+            def _repeat_kv(self, x, rep):
+                return x
 
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            _check_plain_qkv(self)
-            self.cpu_mm = ops.MatMul(transpose_b=True)
+        CpuAttention.__name__ = CpuAttention.__qualname__ = "Cpu" + base.__name__
+        return CpuAttention
 
-        def get_query_key_value_tensors(self, hidden_states, key_value_states=None, sharded_key=None,
-                                        sharded_value=None):
-            return _qkv_from_weights(self, hidden_states, contiguous=True)
-
-        def _repeat_kv(self, x, rep):
-            return x
+    CpuSelfAttention = _cpu_attention(SelfAttention, contiguous=False)
+    CpuSelfAttentionContiguous = _cpu_attention(SelfAttentionContiguous, contiguous=True)
 
     # Patch 3d (SwiGLU on 2-D views): likewise MindFormers splits the [S, B, 2I] fc1 output (contiguous
     # [gate; up] rows) or reshapes it to [S, B, I, 2] (interleaved rows); on CPU the gate and up halves come
@@ -310,29 +304,26 @@ def _replacements() -> dict:
         if not mlp.gated_linear_unit or mlp.activation_type != "swiglu" or mlp.mlp_has_bias:
             raise NotImplementedError("CPU MLP: only bias-free SwiGLU (Qwen3's) is supported")
 
-    class CpuMLP(MLP):
-        """MindFormers' MLP ([gate; up] rows) with SwiGLU computed from split weights."""
+    def _cpu_mlp(base, interleaved: bool):
+        class CpuMlp(base):
+            """MindFormers' MLP on CPU: SwiGLU's gate and up halves split on 2-D views."""
 
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            _check_plain_mlp(self)
-            self.cpu_mm = ops.MatMul(transpose_b=True)
+            cpu_interleaved = interleaved
 
-        def construct(self, hidden_states, per_token_scale=None, extra_loss=0.):
-            output, output_bias = _swiglu_from_weights(self, hidden_states, interleaved=False)
-            return output, output_bias, extra_loss
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                _check_plain_mlp(self)
+                self.cpu_mm = ops.MatMul(transpose_b=True)
 
-    class CpuMLPInterleaved(MLPInterleaved):
-        """MindFormers' MLPInterleaved (gate/up rows interleaved) with SwiGLU computed from split weights."""
+            def construct(self, hidden_states, per_token_scale=None, extra_loss=0.):
+                output, output_bias = _swiglu_from_weights(self, hidden_states, self.cpu_interleaved)
+                return output, output_bias, extra_loss
 
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            _check_plain_mlp(self)
-            self.cpu_mm = ops.MatMul(transpose_b=True)
+        CpuMlp.__name__ = CpuMlp.__qualname__ = "Cpu" + base.__name__
+        return CpuMlp
 
-        def construct(self, hidden_states, per_token_scale=None, extra_loss=0.):
-            output, output_bias = _swiglu_from_weights(self, hidden_states, interleaved=True)
-            return output, output_bias, extra_loss
+    CpuMLP = _cpu_mlp(MLP, interleaved=False)
+    CpuMLPInterleaved = _cpu_mlp(MLPInterleaved, interleaved=True)
 
     # Patch 4 (Dropout): DropoutExt has no CPU kernel, and HF Qwen3 trains without dropout. The replacement
     # is the identity and refuses a non-zero probability instead of failing later inside the compiled graph.
