@@ -27,6 +27,11 @@ SHAPE_KEYS = ("model_config", "hf_checkpoint", "seq_length", "data.source", "dat
               "data.text_vocab_size")
 
 
+def _f(default, help_text: str):
+    """A config field with its help text (shown by every command's ``--help``), as TRL's ``field(metadata=...)``."""
+    return field(default=default, metadata={"help": help_text})
+
+
 def _require(cond: bool, msg: str):
     if not cond:
         raise ValueError(msg)
@@ -34,27 +39,25 @@ def _require(cond: bool, msg: str):
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | amazon
-    dataset: str = "Industrial_and_Scientific"
-    root: str = ""  # amazon data root; "" -> $RECAST_DATA_ROOT or ../shared/data/minionerec_amazon
-    seed: int = 0
-    with_titles: bool = False
-    text_vocab_size: int = 256  # learned sentencepiece pieces besides the SID tokens
-    valid_in_train: bool = False  # amazon: add valid rows to SFT training (final runs only)
-    # synthetic catalogue (recast_ms.data.synthetic.SyntheticConfig)
-    codebook_size: int = 16
-    num_users: int = 600
+    source: str = _f("synthetic", "data source: synthetic (embedded, no files) | amazon (MiniOneRec Amazon CSVs)")
+    dataset: str = _f("Industrial_and_Scientific", "amazon: dataset folder name (Industrial_and_Scientific, Office_Products)")
+    root: str = _f("", "amazon data root; empty: $RECAST_DATA_ROOT or ../shared/data/minionerec_amazon")
+    seed: int = _f(0, "synthetic catalogue / user seed")
+    with_titles: bool = _f(False, "render item titles into prompts next to their SIDs")
+    text_vocab_size: int = _f(256, "learned sentencepiece pieces besides the SID tokens")
+    valid_in_train: bool = _f(False, "amazon: add valid rows to SFT training (final runs only)")
+    codebook_size: int = _f(16, "synthetic: codes per SID level")
+    num_users: int = _f(600, "synthetic: users (each yields train/valid/test transitions)")
     # sparse-hit defaults: a calibrated policy hits ~3.5% of samples (most groups of 16 all-zero)
     # and the best last-item predictor reaches Pass@1 ~0.13, leaving room for RL
-    p_successor: float = 0.1
-    p_sibling: float = 0.3
-    p_branch: float = 0.25
-    p_jump: float = 0.15
-    max_rl_prompts: int = 0  # 0 = every validation sample is an RL prompt
-    max_eval_prompts: int = 300  # 0 = the whole test split
-    # -1: evaluate on the first max_eval_prompts test rows; >= 0: on a random subset of that size drawn
-    # with this seed (recast_ms.evaluation.eval_subset), the same rows for every run that sets it
-    eval_subset_seed: int = -1
+    p_successor: float = _f(0.1, "synthetic: probability the next item is its group's successor")
+    p_sibling: float = _f(0.3, "synthetic: probability of a sibling sharing 2 codes")
+    p_branch: float = _f(0.25, "synthetic: probability of an item under the same level-0 branch")
+    p_jump: float = _f(0.15, "synthetic: probability of a jump to another preferred branch")
+    max_rl_prompts: int = _f(0, "RL prompts taken from the valid split; 0 = all of them")
+    max_eval_prompts: int = _f(300, "test prompts evaluated during RL; 0 = the whole test split")
+    eval_subset_seed: int = _f(-1, "-1: evaluate on the first max_eval_prompts test rows; >= 0: on a seeded random "
+                                   "subset of that size (the same rows for every run that sets it)")
 
     def __post_init__(self):
         _require(self.source in ("synthetic", "amazon"), f"data.source must be 'synthetic' or 'amazon', got {self.source!r}")
@@ -67,16 +70,16 @@ class DataConfig:
 
 @dataclass
 class SFTConfig:
-    steps: int = 200
-    batch_size: int = 32
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    eval_every: int = 100
-    save_every: int = 50
-    log_every: int = 10
+    steps: int = _f(200, "optimizer steps")
+    batch_size: int = _f(32, "sequences per step (one static [batch, seq_length] graph)")
+    lr: float = _f(2e-3, "peak learning rate (AdamW)")
+    min_lr_ratio: float = _f(0.1, "cosine decay floor, as a fraction of lr")
+    warmup_steps: int = _f(20, "linear warm-up steps")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    grad_clip: float = _f(1.0, "global gradient-norm clip")
+    eval_every: int = _f(100, "steps between validation-loss evaluations")
+    save_every: int = _f(50, "steps between checkpoints (a kill loses at most this many)")
+    log_every: int = _f(10, "steps between metric lines")
 
     def __post_init__(self):
         _require(self.steps >= 1, "sft.steps must be >= 1")
@@ -89,48 +92,43 @@ class SFTConfig:
 
 @dataclass
 class RLConfig:
-    estimator: str = "recast"  # grpo | repair_only | boundary_only | recast | recast_adaptive | anchor_only
-    alpha: float = 1.0
-    group_size: int = 16
-    prompts_per_step: int = 8
-    steps: int = 30
-    lr: float = 5e-5  # 2e-4 let ReCast drift (k3 KL 0.22 after 30 steps) on the synthetic default; see README
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    kl_coef: float = 0.001
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    constrained: bool = True
-    # rows per forward/backward graph call; on CPU a compiled graph keeps ~25 MB per row of the tiny model's grad
-    # graph (~39 MB per row per layer at Qwen3-0.6B), so this sets the memory (README "Memory and speed")
-    micro_batch_size: int = 16
-    # rows the rollout decodes at once (whole prompts; 0 = all P*G): a decode graph's memory grows with its rows
-    rollout_rows: int = 256
-    ppo_epochs: int = 1
-    eps: float = 1e-6
-    eval_every: int = 10
-    # explicit evaluation steps (0 = before training); empty: every eval_every steps. The last step is
-    # always evaluated (a grid cell is finished when its last step has an evaluation)
-    eval_steps: Tuple[int, ...] = ()
-    save_every: int = 10
-    # where a group comes from: "sample" draws G responses per prompt at rl.temperature (top_k / top_p);
-    # "beam" takes the G best beams of the SID-constrained beam search evaluation runs (temperature 1, no
-    # length normalisation: every constrained beam has the same length), best first, as OpenOneRec-RL's
-    # recipe forms its groups; then all-zero groups ~ 1 - Pass@G. Deterministic: no rollout RNG is used.
-    rollout: str = "sample"
-    # adaptive repair (recast_adaptive): repair probability = clip(1 - natural_ratio / target, floor, 1)
-    adaptive_target: float = 0.5
-    adaptive_floor: float = 0.0
-    adaptive_momentum: float = 0.9
+    estimator: str = _f("recast", "advantage estimator (the registry in recast_ms/signals.py, listed below)")
+    alpha: float = _f(1.0, "boundary estimators: advantage magnitude of the (positive, negative) pair")
+    group_size: int = _f(16, "G: responses per prompt")
+    prompts_per_step: int = _f(8, "P: prompts per step (per data-parallel rank)")
+    steps: int = _f(30, "optimizer steps")
+    lr: float = _f(5e-5, "learning rate (2e-4 let ReCast drift, k3 KL 0.22 after 30 steps, on the synthetic default)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    grad_clip: float = _f(1.0, "global gradient-norm clip")
+    clip_low: float = _f(0.2, "PPO ratio clip below 1")
+    clip_high: float = _f(0.28, "PPO ratio clip above 1 (clip-higher)")
+    kl_coef: float = _f(0.001, "k3 KL penalty to the frozen reference; 0 drops the reference model")
+    temperature: float = _f(1.0, "sampling temperature (rl.rollout=sample), also applied to the trained log-probs")
+    top_k: int = _f(0, "sampled rollouts: keep the k most likely tokens; 0 = off")
+    top_p: float = _f(1.0, "sampled rollouts: nucleus mass; 1.0 = off")
+    constrained: bool = _f(True, "rollouts follow the SID prefix trie (every response a catalogue item)")
+    # on CPU a compiled graph keeps ~25 MB per row of the tiny model's grad graph (~39 MB per row per layer at
+    # Qwen3-0.6B), so this sets the memory (README "Memory and speed")
+    micro_batch_size: int = _f(16, "rows per forward/backward graph call (sets the memory on CPU)")
+    rollout_rows: int = _f(256, "rows the rollout decodes at once (whole prompts); 0 = all P*G")
+    ppo_epochs: int = _f(1, "optimizer passes per rollout; 1 = on-policy (no old-log-prob forward)")
+    eps: float = _f(1e-6, "GRPO: added to the group standard deviation")
+    eval_every: int = _f(10, "steps between test evaluations (when rl.eval_steps is empty)")
+    eval_steps: Tuple[int, ...] = _f((), "explicit evaluation steps (0 = before training); the last step is always "
+                                          "evaluated (a grid cell is finished when its last step has an evaluation)")
+    save_every: int = _f(10, "steps between checkpoints")
+    # beam: all-zero groups ~ 1 - Pass@G, as in OpenOneRec-RL's recipe; deterministic, no rollout RNG
+    rollout: str = _f("sample", "group source: sample (G draws at rl.temperature) | beam (the G best SID-constrained "
+                                "beams, temperature 1, no length normalisation: every constrained beam has the same "
+                                "length; best first)")
+    adaptive_target: float = _f(0.5, "recast_adaptive: repair probability = clip(1 - natural_ratio / target, floor, 1)")
+    adaptive_floor: float = _f(0.0, "recast_adaptive: lowest repair probability")
+    adaptive_momentum: float = _f(0.9, "recast_adaptive: EMA momentum of the naturally-trainable ratio")
 
     def __post_init__(self):
         from recast_ms.signals import ESTIMATORS
 
-        names = sorted(ESTIMATORS) + ["recast_adaptive"]
-        _require(self.estimator in names, f"rl.estimator must be one of {names}, got {self.estimator!r}")
+        _require(self.estimator in ESTIMATORS, f"rl.estimator must be one of {sorted(ESTIMATORS)}, got {self.estimator!r}")
         _require(self.alpha > 0, f"rl.alpha must be > 0, got {self.alpha}")
         _require(self.group_size >= 2, f"rl.group_size must be >= 2, got {self.group_size}")
         _require(self.prompts_per_step >= 1, "rl.prompts_per_step must be >= 1")
@@ -162,14 +160,15 @@ class RLConfig:
 
 @dataclass
 class EvalConfig:
-    beam_width: int = 32
-    ks: Tuple[int, ...] = (1, 5, 10, 32)
-    batch_size: int = 16
-    constrained: bool = True
+    beam_width: int = _f(32, "beams of the evaluation beam search (K)")
+    ks: Tuple[int, ...] = _f((1, 5, 10, 32), "cut-offs for Pass/Recall/NDCG@K (each <= beam_width)")
+    batch_size: int = _f(16, "prompts per beam-search call (a fixed shape: the last batch is filled)")
+    constrained: bool = _f(True, "beams follow the SID prefix trie")
 
     def __post_init__(self):
         self.ks = tuple(int(k) for k in self.ks)
         _require(self.beam_width >= 1, "eval.beam_width must be >= 1")
+        _require(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
         _require(all(1 <= k <= self.beam_width for k in self.ks), f"eval.ks {self.ks} must lie in [1, beam_width={self.beam_width}]")
 
 
@@ -184,14 +183,14 @@ class RuntimeConfig:
     exists (msrun ranks, gradients all-reduced in the optimizer cell): TP or PP > 1 on CPU is an error.
     ``world_size``: the device count the run is meant for (0 = whatever msrun gives); a mismatch is an error.
     """
-    device_target: str = "auto"  # auto | CPU | Ascend
-    data_parallel: int = 0
-    model_parallel: int = 0
-    pipeline_stage: int = 0
-    micro_batch_num: int = 0  # pipeline micro-batches (pipeline_stage > 1)
-    optimizer_parallel: str = "auto"  # auto (the model YAML's parallel.enable_parallel_optimizer) | true | false
-    recompute: str = "auto"  # auto (the model YAML's recompute_config.recompute) | true | false
-    world_size: int = 0
+    device_target: str = _f("auto", "auto (Ascend when MindSpore can use it, else CPU) | CPU | Ascend")
+    data_parallel: int = _f(0, "DP; 0 = from the model YAML / world size")
+    model_parallel: int = _f(0, "TP (Ascend only); 0 = from the model YAML")
+    pipeline_stage: int = _f(0, "PP stages (Ascend only); 0 = from the model YAML")
+    micro_batch_num: int = _f(0, "pipeline micro-batches (pipeline_stage > 1)")
+    optimizer_parallel: str = _f("auto", "auto (the model YAML's parallel.enable_parallel_optimizer) | true | false")
+    recompute: str = _f("auto", "auto (the model YAML's recompute_config.recompute) | true | false")
+    world_size: int = _f(0, "devices the run is meant for; 0 = whatever msrun gives (a mismatch is an error)")
 
     def __post_init__(self):
         dev = str(self.device_target).strip()
@@ -208,16 +207,12 @@ class RuntimeConfig:
 
 @dataclass
 class RunConfig:
-    model_config: str = "model_configs/qwen3_tiny.yaml"
-    # a Hugging Face Qwen3 checkpoint directory (config.json, safetensors, tokenizer.json) to start
-    # from instead of a randomly initialised model_config; SID tokens are added to its vocabulary
-    hf_checkpoint: str = ""
-    output_dir: str = "runs/default"
-    seed: int = 0
-    seq_length: int = 48  # prompt + response, fixed: the compiled graphs never see another length
-    # embedding rows of the model; 0 = the tokenizer's vocabulary size. Larger pads the vocabulary, as real
-    # Qwen3 does (151,936 rows for 151,669 tokens); used by scripts/bench_scale.py for the real 0.6B shape
-    vocab_size: int = 0
+    model_config: str = _f("model_configs/qwen3_tiny.yaml", "model YAML (MindFormers layout), relative to the repo")
+    hf_checkpoint: str = _f("", "a Hugging Face Qwen3 directory (config.json, safetensors, tokenizer.json) to start from "
+                                "instead of a random model_config; SID tokens are added to its vocabulary")
+    seed: int = _f(0, "seed of the model init, the data order and every RNG stream")
+    seq_length: int = _f(48, "prompt + response tokens, fixed: the compiled graphs never see another length")
+    vocab_size: int = _f(0, "embedding rows; 0 = the tokenizer's vocabulary (larger pads it, as real Qwen3 does)")
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rl: RLConfig = field(default_factory=RLConfig)
@@ -228,6 +223,11 @@ class RunConfig:
         _require(self.seq_length >= 8, "seq_length must be >= 8")
         _require(self.vocab_size >= 0, "vocab_size must be >= 0 (0: the tokenizer's vocabulary size)")
         _require(self.seed >= 0, f"seed must be >= 0 (MindSpore and numpy seeds are unsigned), got {self.seed}")
+        # cross-field checks: caught here, before any data, model or run file is made
+        r = self.rl
+        _require(self.data.max_rl_prompts == 0 or self.data.max_rl_prompts >= r.prompts_per_step,
+                 f"data.max_rl_prompts={self.data.max_rl_prompts} is fewer than rl.prompts_per_step={r.prompts_per_step}: "
+                 "a step could not draw its prompts")
         _require(not self.hf_checkpoint or os.path.isdir(self.hf_checkpoint),
                  f"hf_checkpoint {self.hf_checkpoint!r} is not a directory")
         # checked here, before any data, tokenizer or run-directory file is made
@@ -283,11 +283,43 @@ def _coerce(value, typ, key: str):
     return value
 
 
+# keys older runs' stored config.yaml files hold that nothing reads any more: accepted and dropped (with a
+# log line) so a committed run directory stays readable; an unknown key anywhere else is still an error
+REMOVED_KEYS = {"output_dir": "the run directory is --run-dir / --out"}
+
+
+def config_help() -> str:
+    """Every config key with its type, default and help text (the commands' ``--help`` epilog)."""
+    from recast_ms.signals import ESTIMATORS
+
+    lines = []
+
+    def walk(cls, prefix):
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            typ = hints[f.name]
+            if dataclasses.is_dataclass(typ):
+                walk(typ, prefix + f.name + ".")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            name = getattr(typ, "__name__", None) or str(typ).replace("typing.", "")
+            lines.append(f"  {prefix + f.name} ({name}, default {default!r}): {f.metadata.get('help', '')}")
+            if prefix + f.name == "rl.estimator":
+                lines.extend(f"      {n}: {e.help}" for n, e in ESTIMATORS.items())
+
+    walk(RunConfig, "")
+    return "\n".join(lines)
+
+
 def from_dict(cls, d: Optional[Dict[str, Any]], prefix: str = ""):
     """Build dataclass ``cls`` from a mapping, recursing into nested dataclasses; unknown keys raise."""
     d = {} if d is None else d
     if not isinstance(d, dict):
         raise ValueError(f"{prefix or 'config'}: expected a mapping, got {type(d).__name__}")
+    if not prefix:
+        for key in REMOVED_KEYS.keys() & d.keys():
+            logger.info("config key %r is no longer used (%s); ignored", key, REMOVED_KEYS[key])
+        d = {k: v for k, v in d.items() if k not in REMOVED_KEYS}
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)

@@ -1,5 +1,8 @@
 """Evaluation: beam search (K beams, optionally SID-constrained) over a model, then Pass/Recall/NDCG@K.
 
+Beams are read by ``recast_ms.rewards.response_sids``, the parser RL rewards use: a beam is a hit here
+exactly when the same response would earn reward 1.
+
 Batches have a fixed size (the last one is filled with repeated prompts whose results are dropped),
 so the decoder compiles once per run.
 """
@@ -14,6 +17,7 @@ import numpy as np
 from recast_ms.config import EvalConfig
 from recast_ms.data.batching import encode_prompts
 from recast_ms.metrics import aggregate_metrics, most_popular_ranking
+from recast_ms.rewards import response_length, response_sids
 from recast_ms.rollout.engine import SIDConstraint, beam_search
 from recast_ms.sid import SIDTokenMap
 
@@ -33,28 +37,12 @@ def eval_subset(samples: Sequence, max_prompts: int, seed: int = -1) -> list:
     return [samples[i] for i in rows]
 
 
-def decode_sid(row: np.ndarray, token_map: SIDTokenMap, eos_id: int):
-    """The SID a generated row names (``SIDTokenMap.response_sid``, the parser RL rewards use too), else
-    None (unparseable). The SID may still be invalid (not in the catalogue); metrics treat it as a miss."""
-    return token_map.response_sid(row)
-
-
-def make_decoder(model, max_prompt_len: int, max_new_tokens: int, pad_id: int, kind: str = "kv"):
-    from recast_ms.rollout.decoder import FullForwardDecoder, Qwen3KVDecoder
-
-    if kind == "kv":
-        return Qwen3KVDecoder(model, max_prompt_len, max_new_tokens, pad_id)
-    if kind == "full":
-        return FullForwardDecoder(model, max_prompt_len + max_new_tokens, pad_id)
-    raise ValueError(f"unknown decoder kind {kind!r} (kv | full)")
-
-
 def generate_rankings(decoder, samples, codebook, tokenizer, token_map: SIDTokenMap, *, seq_length: int,
                       ecfg: EvalConfig, with_titles: bool = False, progress: bool = False) -> List[List]:
     """Beam-ordered SIDs (None for an unparseable beam) for each sample."""
     from tqdm import tqdm
 
-    R = codebook.num_levels + 1
+    R = response_length(codebook)
     prompts = encode_prompts(samples, codebook, tokenizer, seq_length - R, with_titles)
     cons = SIDConstraint(codebook.trie, token_map, tokenizer.eos_id, tokenizer.vocab_size) if ecfg.constrained else None
     out: List[List] = []
@@ -69,7 +57,8 @@ def generate_rankings(decoder, samples, codebook, tokenizer, token_map: SIDToken
                                    eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, constraint=cons)
         for b in range(n):
             live = scores[b] > -1e29  # beams that exist (a tiny catalogue may have fewer than K items)
-            out.append([decode_sid(s, token_map, tokenizer.eos_id) for s in seqs[b][live]])
+            codes, parsed = response_sids(seqs[b][live], token_map)  # the parser RL rewards use
+            out.append([tuple(int(c) for c in sid) if ok else None for sid, ok in zip(codes, parsed)])
     return out
 
 

@@ -11,16 +11,19 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from recast_ms.report import summarize_run
+from recast_ms.signals import ESTIMATORS
 from recast_ms.utils.tracking import read_jsonl
 
-ALL_ESTIMATORS = ["grpo", "repair_only", "boundary_only", "recast", "recast_adaptive"]
+# the paper's estimators, in the registry's order (ablations such as anchor_only are named per block)
+ALL_ESTIMATORS = [name for name, est in ESTIMATORS.items() if not est.ablation]
+EST_ORDER = {name: i for i, name in enumerate(ESTIMATORS)}
 
 # A preset: SFT runs keyed "model@dataset" (a run YAML + overrides), RL overrides shared by every cell,
 # and blocks (one SFT key x estimators x seeds x group sizes). Cells shared by blocks run once.
 PRESETS = {
     "quick": {
         "sft": {"micro@synthetic": {"config": None, "overrides": [
-            "model_config=tests/data/qwen3_micro.yaml", "seq_length=32", "data.num_users=60", "sft.steps=10",
+            "model_config=model_configs/qwen3_micro.yaml", "seq_length=32", "data.num_users=60", "sft.steps=10",
             "sft.batch_size=8", "sft.warmup_steps=2", "sft.save_every=10", "sft.eval_every=10", "sft.log_every=5"]}},
         "rl": ["rl.steps=3", "rl.prompts_per_step=4", "rl.eval_every=3", "rl.save_every=3", "rl.micro_batch_size=16",
                "data.max_eval_prompts=8", "eval.batch_size=8"],
@@ -94,9 +97,17 @@ def pending_keys(preset: dict, overrides: List[str]) -> Dict[str, str]:
     return {k: why for k, why in preset.get("pending", {}).items() if k not in given}
 
 
-def _rl_steps(overrides: List[str], default: int = 30) -> int:
-    steps = [int(o.split("=", 1)[1]) for o in overrides if o.startswith("rl.steps=")]
-    return steps[-1] if steps else default
+def cell_config(preset: dict, sft_key: str, sft_dir: str, overrides: List[str]):
+    """The RL config a cell runs under, resolved as the RL command resolves it: the SFT run's stored
+    ``config.yaml`` (else the preset's SFT YAML and overrides) plus the cell's ``overrides``."""
+    from recast_ms.config import REPO_ROOT, load_config
+
+    stored = os.path.join(sft_dir, "config.yaml")
+    if os.path.exists(stored):
+        return load_config(stored, list(overrides))
+    spec = preset["sft"][sft_key]
+    path = os.path.join(REPO_ROOT, spec["config"]) if spec.get("config") else None
+    return load_config(path, list(spec.get("overrides", [])) + list(overrides))
 
 
 def plan_cells(preset: dict, sft_dirs: Dict[str, str], out_dir: str, extra: List[str] = ()) -> Dict[str, dict]:
@@ -121,7 +132,8 @@ def plan_cells(preset: dict, sft_dirs: Dict[str, str], out_dir: str, extra: List
                                    "arm": est + (f"+{tag}" if tag else ""),
                                    "group_size": G, "seed": seed, "blocks": [block["name"]],
                                    "sft_dir": sft_dirs[block["sft"]], "run_dir": os.path.join(out_dir, "cells", name),
-                                   "overrides": ov, "steps": _rl_steps(ov + list(extra))}
+                                   "overrides": ov,
+                                   "steps": cell_config(preset, block["sft"], sft_dirs[block["sft"]], ov + list(extra)).rl.steps}
     return cells
 
 
@@ -206,7 +218,7 @@ def grid_report(cells: Dict[str, dict], out_dir: str, preset: Optional[dict] = N
         groups[(c["sft"], c["group_size"], c["estimator"])].append(c)
     for cs in groups.values():
         cs.sort(key=lambda c: c["seed"])
-    est_order = {e: i for i, e in enumerate(ALL_ESTIMATORS)}
+    est_order = EST_ORDER
     sft_order = {s: i for i, s in enumerate(dict.fromkeys(c["sft"] for c in cells.values()))}  # the preset's order
     keys = sorted(groups, key=lambda k: (sft_order[k[0]], k[1], est_order.get(k[2], 99)))
 

@@ -32,7 +32,6 @@ reference forward and the grad graph at ``train_rows``), ``train_rows``, ``rollo
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
@@ -362,7 +361,7 @@ def format_report(rep: dict) -> str:
              f"{lay['seq_parallel']}, flash {lay['flash']}; S = {rep['seq_length']}, P = {rep['prompts']}, "
              f"G = {rep['group_size']}, micro-batch {rep['micro_batch_size']} rows; rollout engine {rep['rollout_engine']}",
              "Ascend, per device, GB (standard terms; not measured on Ascend):",
-             f"| term | grpo | recast |", "|---|---|---|"]
+             "| term | grpo | recast |", "|---|---|---|"]
     keys = [("actor rows / micro rows", None), ("params", "params"), ("gradients", "grads"),
             ("optimizer states (as planned)", "optimizer"), ("  without optimizer parallel", "optimizer_no_opt_parallel"),
             ("  with optimizer parallel", "optimizer_opt_parallel"), ("reference model", "reference"),

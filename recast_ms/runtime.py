@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import yaml
 
 from recast_ms.models.cpu_compat import PATCH_TARGETS
-from recast_ms.signals import BOUNDARY_ESTIMATORS  # one definition, shared with the trainer
+from recast_ms.signals import get_estimator  # the one registry, shared with the trainer
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def _tri(value: str, default: bool) -> bool:
 def actor_batch(cfg) -> Dict[str, int]:
     """Rows of the actor batch for the run's estimator (``[2P, T]`` or ``[P*G, T]``) and its micro-batches."""
     r = cfg.rl
-    rows = 2 * r.prompts_per_step if r.estimator in BOUNDARY_ESTIMATORS else r.prompts_per_step * r.group_size
+    rows = get_estimator(r.estimator).actor_rows(r.prompts_per_step, r.group_size)
     micro = min(r.micro_batch_size, rows)
     return {"rows": rows, "micro_batch_rows": micro, "num_micro_batches": -(-rows // micro),
             "rollout_rows": r.prompts_per_step * r.group_size, "seq_length": cfg.seq_length}
@@ -198,7 +198,7 @@ def check_batch(cfg, layout: Layout) -> None:
     b, r = actor_batch(cfg), cfg.rl
     dp = layout.data_parallel
     split = dp * (layout.micro_batch_num if layout.pipeline_stage > 1 else 1)
-    what = "[2P, T] = [2 x {}, T]".format(r.prompts_per_step) if r.estimator in BOUNDARY_ESTIMATORS \
+    what = "[2P, T] = [2 x {}, T]".format(r.prompts_per_step) if get_estimator(r.estimator).boundary \
         else "[P*G, T] = [{} x {}, T]".format(r.prompts_per_step, r.group_size)
     if b["rows"] % b["micro_batch_rows"]:
         raise PlanError(f"rl.estimator={r.estimator}: actor batch {what} has {b['rows']} rows, not a multiple of "

@@ -223,21 +223,6 @@ class SIDTokenMap:
     def sid_to_ids(self, sid: Sequence[int]) -> List[int]:
         return [int(self.code_to_id[level, code]) for level, code in enumerate(sid)]
 
-    def response_sid(self, ids: Iterable) -> Optional[SID]:
-        """The SID a generated response names, or None: a response is ``L`` code tokens then EOS, so its
-        first ``L`` tokens must be the codes of levels 0..L-1 in order. The ONE response parser: RL
-        rewards and evaluation both use it, so a response earns reward 1 exactly when evaluation counts
-        it as a hit (a SID found later in the response, e.g. after a stray token, is neither). The SID
-        may still be outside the catalogue (``SIDCodebook.is_valid``). Never raises."""
-        L = self.fmt.num_levels
-        try:
-            head = [self.id_to_level_code.get(int(i)) for i in list(ids)[:L]]
-        except (TypeError, ValueError, OverflowError):
-            return None
-        if len(head) == L and all(w is not None and w[0] == lvl for lvl, w in enumerate(head)):
-            return tuple(w[1] for w in head)
-        return None
-
     def parse_ids(self, ids: Iterable) -> List[SID]:
         """All well-formed SIDs (codes of levels 0..L-1 in consecutive positions) in a token id sequence.
 

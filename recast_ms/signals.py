@@ -1,9 +1,12 @@
-"""Learning signals for SID recommendation RL: rewards, structural scores and advantage estimators.
+"""Advantage estimators for SID recommendation RL: GRPO, repair-only, boundary-only, ReCast (+ adaptive),
+anchor-only, declared once in a registry (:data:`ESTIMATORS`, verl's ``core_algos`` pattern).
 
 Numpy reference implementation. Every estimator is a pure function of ``[P, G]`` arrays (P prompts,
-G samples each); groups are the rows, or are given explicitly as ``group_ids`` to
-:func:`group_rows`. The graph-mode MindSpore twin of the selection lives in
-``recast_ms/signals_ms.py`` and is tested for exact agreement with this file.
+G samples each; rewards and structural scores come from ``recast_ms/rewards.py``); groups are the rows,
+or are given explicitly as ``group_ids`` to :func:`group_rows`. The graph-mode MindSpore twin of the
+selection lives in ``recast_ms/signals_ms.py`` and is tested for exact agreement with this file. Every
+estimator's output becomes one :class:`Selection` (actor rows, advantages, loss rows), and
+:func:`gather_rows` is the one physical filter from rollout rows to actor rows.
 
 Where ReCast departs from GRPO (``../shared/RECAST_SPEC.md``):
 
@@ -28,77 +31,9 @@ GRPO normalises with the unbiased standard deviation (``ddof=1``), as verl's GRP
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
-
-SID = Tuple[int, ...]
-
-# ----------------------------------------------------------------------------- rewards and scores
-
-
-def _as_sid(x) -> SID:
-    try:
-        return tuple(int(c) for c in x)
-    except (TypeError, ValueError):
-        raise ValueError(f"not a SID (sequence of integer codes): {x!r}") from None
-
-
-def _as_sid_set(xs) -> set:
-    """Accept one SID (tuple of ints) or an iterable of SIDs; always return a set of SID tuples."""
-    if xs is None:
-        return set()
-    xs = list(xs)
-    if xs and all(isinstance(c, (int, np.integer)) for c in xs):
-        return {_as_sid(xs)}
-    return {_as_sid(x) for x in xs}
-
-
-def sid_similarity(u: Sequence[int], v: Sequence[int]) -> float:
-    """Normalised common-prefix depth: ``LCP(u, v) / L``; 1.0 for an exact match.
-
-    SIDs of different lengths are normalised by the longer one, so only equal SIDs score 1.
-    """
-    u, v = _as_sid(u), _as_sid(v)
-    L = max(len(u), len(v))
-    if L == 0:
-        raise ValueError("empty SID")
-    lcp = 0
-    for a, b in zip(u, v):
-        if a != b:
-            break
-        lcp += 1
-    return lcp / L
-
-
-def task_reward(pred_sids, target_sids) -> float:
-    """Binary hit ``1[ID(y) ∩ ID(y*) != ∅]``: 1.0 if any predicted SID is a target SID."""
-    return 1.0 if _as_sid_set(pred_sids) & _as_sid_set(target_sids) else 0.0
-
-
-def structural_score(pred_sids, target_sids) -> float:
-    """``max_{u in ID(y), v in ID(y*)} sim(u, v)``; 0.0 when either set is empty."""
-    preds, targets = _as_sid_set(pred_sids), _as_sid_set(target_sids)
-    if not preds or not targets:
-        return 0.0
-    return max(sid_similarity(u, v) for u in preds for v in targets)
-
-
-def score_responses(responses, targets, token_map, codebook) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Reward, structural score and validity of each generated response row ``[N, R]`` against its
-    target SIDs (``targets[n]``): ``(rewards [N], scores [N], valid [N])``. A row names one SID, read by
-    ``token_map.response_sid`` (the parser evaluation uses); an unparseable or out-of-catalogue SID
-    scores 0 and is not valid."""
-    n = len(responses)
-    r, s, valid = np.zeros(n), np.zeros(n), np.zeros(n, bool)
-    for k in range(n):
-        sid = token_map.response_sid(responses[k])
-        sids = [sid] if sid is not None and codebook.is_valid(sid) else []
-        valid[k] = bool(sids)
-        r[k] = task_reward(sids, targets[k])
-        s[k] = structural_score(sids, targets[k])
-    return r, s, valid
-
 
 # ----------------------------------------------------------------------------- input checks
 
@@ -266,50 +201,177 @@ def recast_signal(
     )
 
 
-def gather_active_rows(rows: np.ndarray, anchor_rows: np.ndarray, signal: RecastSignal) -> np.ndarray:
-    """``[P*G, T]`` rollout rows -> ``[2P, T]`` active rows (positive, negative per prompt).
+# ----------------------------------------------------------------------------- the actor batch's rows
 
-    A repaired group's positive is its anchor, taken from ``anchor_rows [P, T]``. Skipped groups
-    keep two rows (their first sample) so the shape is static; their loss mask must be zero.
+
+@dataclass
+class Selection:
+    """Which rows of a step's rollout the actor trains on, and with what advantage: one structure for
+    every estimator. ``B = 2P`` for boundary estimators (row ``2p`` = group p's strongest positive, ``2p+1``
+    its hardest negative), ``B = P*G`` for whole-group ones (GRPO, repair-only).
+
+    row_index:    ``[B]`` int, flat rollout row (``p*G + j``) each actor row is taken from.
+    from_anchor:  ``[B]`` bool, the row's tokens are its prompt's ground-truth anchor (a repaired slot).
+    prompt_index: ``[B]`` int, the group p of each row.
+    advantages:   ``[B]`` float32.
+    live:         ``[B]`` bool, the row carries loss (False: a skipped group's filler rows, ``anchor_only``'s
+                  negative).
+    repaired, active_mask: ``[P]`` bool; anchor_index ``[P]`` (-1: not repaired); active_index ``[P, 2]``
+    (strongest positive, hardest negative; -1 where absent).
     """
-    P, G = signal.advantages.shape
-    rows = np.asarray(rows)
-    anchor_rows = np.asarray(anchor_rows)
-    if rows.shape[0] != P * G or anchor_rows.shape[0] != P or rows.shape[1:] != anchor_rows.shape[1:]:
-        raise ValueError(f"rows {rows.shape} / anchor_rows {anchor_rows.shape} do not fit P={P}, G={G}")
-    flat = (np.arange(P)[:, None] * G + np.clip(signal.active_index, 0, None)).reshape(-1)  # [2P]
-    out = rows[flat].copy()  # [2P, T]
-    out[0::2][signal.repaired] = anchor_rows[signal.repaired]
+
+    row_index: np.ndarray
+    from_anchor: np.ndarray
+    prompt_index: np.ndarray
+    advantages: np.ndarray
+    live: np.ndarray
+    repaired: np.ndarray
+    active_mask: np.ndarray
+    anchor_index: np.ndarray
+    active_index: np.ndarray
+
+    @classmethod
+    def build(cls, boundary: bool, group_size: int, repaired, anchor_index, active_mask, active_index,
+              advantages) -> "Selection":
+        """``advantages`` is ``[P, 2]`` (the active pair) for boundary estimators, ``[P, G]`` otherwise."""
+        repaired = np.asarray(repaired, bool)
+        active_mask = np.asarray(active_mask, bool)
+        active_index = np.asarray(active_index, np.int64)
+        anchor_index = np.asarray(anchor_index, np.int64)
+        adv = np.asarray(advantages, np.float32)
+        P, G = repaired.shape[0], int(group_size)
+        if boundary:
+            row_index = (np.arange(P)[:, None] * G + np.clip(active_index, 0, None)).reshape(-1)  # [2P]
+            from_anchor = np.stack([repaired, np.zeros(P, bool)], axis=1).reshape(-1)  # the positive is the anchor
+            prompt_index = np.repeat(np.arange(P), 2)
+            adv_rows = adv.reshape(-1)
+            # skipped groups, and anchor_only's negative row (advantage 0), carry no loss at all
+            live = np.repeat(active_mask, 2) & (adv_rows != 0)
+        else:
+            row_index = np.arange(P * G)
+            from_anchor = ((np.arange(G)[None, :] == anchor_index[:, None]) & repaired[:, None]).reshape(-1)
+            prompt_index = np.repeat(np.arange(P), G)
+            adv_rows = adv.reshape(-1)
+            live = np.ones(P * G, bool)  # zero-advantage rows still carry the KL term
+        return cls(row_index=row_index, from_anchor=from_anchor, prompt_index=prompt_index, advantages=adv_rows,
+                   live=live, repaired=repaired, active_mask=active_mask, anchor_index=anchor_index,
+                   active_index=active_index)
+
+    @classmethod
+    def from_signal(cls, sig: RecastSignal) -> "Selection":
+        adv = sig.pair_advantages if sig.boundary else sig.advantages
+        return cls.build(sig.boundary, sig.advantages.shape[1], sig.repaired, sig.anchor_index, sig.active_mask,
+                         sig.active_index, adv)
+
+
+def gather_rows(rows, anchor_rows, sel: Selection) -> np.ndarray:
+    """The physical filter: ``[P*G, ...]`` rollout rows -> ``[B, ...]`` actor rows, a repaired slot's row
+    replaced by its prompt's ``anchor_rows [P, ...]`` (the ground truth rendered as a response). The one
+    place the anchor's tokens enter the batch (token ids and masks alike)."""
+    rows, anchor_rows = np.asarray(rows), np.asarray(anchor_rows)
+    P = sel.repaired.shape[0]
+    if anchor_rows.shape[0] != P or rows.shape[1:] != anchor_rows.shape[1:] or rows.shape[0] <= sel.row_index.max():
+        raise ValueError(f"rows {rows.shape} / anchor_rows {anchor_rows.shape} do not fit a selection over {P} groups")
+    out = rows[sel.row_index].copy()  # [B, ...]
+    out[sel.from_anchor] = anchor_rows[sel.prompt_index[sel.from_anchor]]
     return out
 
 
 # ----------------------------------------------------------------------------- registry
 
-ESTIMATORS: Dict[str, Dict[str, bool]] = {
-    "grpo": dict(repair=False, boundary=False, negative=True),
-    "repair_only": dict(repair=True, boundary=False, negative=True),
-    "boundary_only": dict(repair=False, boundary=True, negative=True),
-    "recast": dict(repair=True, boundary=True, negative=True),
+
+@dataclass(frozen=True)
+class Estimator:
+    """One advantage estimator, declared once: what it does to a group and how it runs.
+
+    repair:   an all-zero group gets its least target-like response swapped for the ground-truth anchor.
+    boundary: only the (strongest positive, hardest negative) pair per group is trained (+alpha / -alpha),
+              a static ``[2P, T]`` actor batch; otherwise GRPO normalisation over the whole ``[P*G, T]``.
+    negative: the hardest negative gets -alpha (False: 0 and no loss, ``anchor_only``).
+    adaptive: repair is vetoed per group by the trainer's receding schedule (``AdaptiveRepair``).
+    ablation: not one of the paper's estimators (grid presets leave it out of their "all estimators" blocks).
+
+    :meth:`signal` is the numpy reference; :meth:`cell` the graph-mode selection the trainer runs for
+    boundary estimators (``recast_ms.signals_ms.RecastSelect``, tested equal to :meth:`signal`); both
+    become the same :class:`Selection` in :func:`select`.
+    """
+
+    name: str
+    repair: bool
+    boundary: bool
+    negative: bool = True
+    adaptive: bool = False
+    ablation: bool = False
+    help: str = ""
+
+    def signal(self, rewards, scores, *, alpha: float = 1.0, repair_mask=None, eps: float = 1e-6,
+               ddof: int = 1) -> RecastSignal:
+        return recast_signal(rewards, scores, alpha=alpha, repair=self.repair, boundary=self.boundary,
+                             negative=self.negative, repair_mask=repair_mask, eps=eps, ddof=ddof)
+
+    def cell(self, group_size: int, alpha: float = 1.0):
+        """The graph-mode selection Cell (static ``[P, G]`` in, ``[P, 2]`` out), or None for whole-group
+        estimators (their advantages are a plain GRPO normalisation)."""
+        if not self.boundary:
+            return None
+        from recast_ms.signals_ms import RecastSelect  # mindspore only when a graph is wanted
+
+        return RecastSelect(group_size, alpha, repair=self.repair, negative=self.negative)
+
+    def actor_rows(self, prompts: int, group_size: int) -> int:
+        """Rows of the actor batch: ``2P`` (boundary) or ``P*G``."""
+        return 2 * prompts if self.boundary else prompts * group_size
+
+
+_REGISTRY = (
+    Estimator("grpo", repair=False, boundary=False, help="GRPO: group-normalised advantages over all G samples"),
+    Estimator("repair_only", repair=True, boundary=False,
+              help="anchor swap in all-zero groups, then GRPO normalisation over the repaired group"),
+    Estimator("boundary_only", repair=False, boundary=True,
+              help="(strongest positive, hardest negative) at +alpha/-alpha; all-zero groups skipped"),
+    Estimator("recast", repair=True, boundary=True, help="ReCast: repair, then contrast the boundary pair"),
+    Estimator("recast_adaptive", repair=True, boundary=True, adaptive=True,
+              help="ReCast whose repair recedes as groups become trainable on their own"),
     # repair, then +alpha on the strongest positive only: ReCast minus its contrast row
-    "anchor_only": dict(repair=True, boundary=True, negative=False),
-}
+    Estimator("anchor_only", repair=True, boundary=True, negative=False, ablation=True,
+              help="ablation: ReCast's repair and positive, no negative (the negative row has no loss)"),
+)
+ESTIMATORS: Dict[str, Estimator] = {e.name: e for e in _REGISTRY}
 
-# estimators whose update uses only the active pair of each group: a static [2P, T] actor batch
-BOUNDARY_ESTIMATORS = ("recast", "boundary_only", "recast_adaptive", "anchor_only")
 
-
-def estimator_flags(name: str) -> Dict[str, bool]:
-    """``repair`` / ``boundary`` / ``negative`` flags of a named estimator; a clear error for an unknown name."""
+def get_estimator(name: str) -> Estimator:
+    """The registered estimator ``name``; a clear error for an unknown name."""
     try:
-        return dict(ESTIMATORS[name])
+        return ESTIMATORS[name]
     except KeyError:
         raise ValueError(f"unknown estimator {name!r}; choose one of {sorted(ESTIMATORS)}") from None
 
 
 def compute_signal(name: str, rewards, scores, *, alpha: float = 1.0, **kw) -> RecastSignal:
-    """Run the named estimator. ``grpo`` returns GRPO advantages in the same container."""
-    return recast_signal(rewards, scores, alpha=alpha, **estimator_flags(name), **kw)
+    """Run the named estimator's numpy reference. ``grpo`` returns GRPO advantages in the same container."""
+    return get_estimator(name).signal(rewards, scores, alpha=alpha, **kw)
 
+
+def select(est: Estimator, rewards, scores, *, alpha: float = 1.0, repair_mask=None, eps: float = 1e-6,
+           cell=None) -> Selection:
+    """A step's :class:`Selection` from ``[P, G]`` rewards and structural scores, for any estimator.
+
+    With ``cell`` (``est.cell(G, alpha)``, boundary estimators) the selection runs as a compiled graph;
+    otherwise the numpy reference runs. ``repair_mask [P]`` (None: all True) lets the adaptive schedule veto
+    repair per group.
+    """
+    rewards = np.asarray(rewards)
+    P, G = rewards.shape
+    mask = np.ones(P, bool) if repair_mask is None else np.asarray(repair_mask, bool)
+    if cell is None:
+        return Selection.from_signal(est.signal(rewards, scores, alpha=alpha, repair_mask=mask, eps=eps))
+    import mindspore as ms
+
+    act_idx, pair_adv, act_mask, repaired, anchor = cell(ms.Tensor(rewards, ms.float32),
+                                                         ms.Tensor(np.asarray(scores), ms.float32),
+                                                         ms.Tensor(mask))[:5]
+    return Selection.build(True, G, repaired.asnumpy(), anchor.asnumpy(), act_mask.asnumpy(), act_idx.asnumpy(),
+                           pair_adv.asnumpy())
 
 # ----------------------------------------------------------------------------- diagnostics
 

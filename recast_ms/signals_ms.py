@@ -1,8 +1,8 @@
 """Graph-mode MindSpore twin of the repair-and-contrast selection in ``signals.py``.
 
-Static shapes throughout: ``[P, G]`` in, ``[P, 2]`` / ``[P]`` out, and a gather from the
-``[P*G, T]`` rollout batch to the ``[2P, T]`` active batch, so the compiled graph never changes
-with the data. Ties are broken towards the lowest index exactly as the numpy reference does: the
+Static shapes throughout: ``[P, G]`` in, ``[P, 2]`` / ``[P]`` out, so the compiled graph never changes
+with the data. The trainer turns its outputs into ``signals.Selection`` and gathers the ``[2P, T]`` actor rows
+with ``signals.gather_rows``, exactly as for the numpy reference. Ties are broken towards the lowest index exactly as the numpy reference does: the
 chosen index is the minimum index among the entries equal to the extreme value, computed with a
 masked ``ReduceMin`` over an index ramp rather than relying on ``Argmax``'s tie behaviour.
 """
@@ -86,35 +86,3 @@ class RecastSelect(nn.Cell):
         pair_adv = sign * active_mask.astype(ms.float32).expand_dims(1)  # [P, 2]
         anchor_index = ops.where(repaired, anchor, ops.full_like(anchor, -1))
         return active_index, pair_adv, active_mask, repaired, anchor_index, rewards, scores
-
-
-class GatherActive(nn.Cell):
-    r"""Gather the ``[2P, T]`` active batch out of a ``[P*G, T]`` rollout batch.
-
-    Row ``2p`` is group p's positive, row ``2p+1`` its negative. A repaired group's positive is its
-    anchor, whose tokens come from ``anchor_rows`` (the rendered ground truth), not from the rollout.
-    Skipped groups keep two rows (index clamped to the group's first sample) and must be masked by
-    the caller's loss mask: the shape never changes.
-
-    Inputs:
-        - **rows** (Tensor) - ``[P*G, T]`` rollout rows (token ids or masks).
-        - **anchor_rows** (Tensor) - ``[P, T]`` the anchor's rows, same dtype as ``rows``.
-        - **active_index** (Tensor) - ``[P, 2]`` int32 from :class:`RecastSelect`.
-        - **repaired** (Tensor) - ``[P]`` bool.
-
-    Outputs:
-        Tensor ``[2P, T]``.
-    """
-
-    def __init__(self, group_size: int):
-        super().__init__()
-        self.group_size = int(group_size)
-
-    def construct(self, rows, anchor_rows, active_index, repaired):
-        P = active_index.shape[0]
-        base = ops.arange(P, dtype=ms.int32).expand_dims(1) * self.group_size  # [P, 1]
-        flat = (base + ops.clamp(active_index, min=0)).reshape(-1)  # [2P]
-        picked = ops.gather(rows, flat, 0)  # [2P, T]
-        picked = picked.reshape(P, 2, -1)  # [P, 2, T]
-        pos = ops.where(repaired.expand_dims(1), anchor_rows, picked[:, 0])  # [P, T]
-        return ops.stack([pos, picked[:, 1]], axis=1).reshape(2 * P, -1)  # [2P, T]

@@ -4,25 +4,23 @@ Runs ``sample_groups`` (host sampling included) for P prompts x G samples x N ne
 initialised model from a model YAML and prints generated tokens/s, after one warm-up call per decoder
 (compilation). Usage::
 
-    MS_DEV_HOST_BLOCKING_RUN=1 python scripts/bench_decode.py [--prompts 16 --group 16 --new-tokens 4]
+    python scripts/bench_decode.py [--prompts 16 --group 16 --new-tokens 4]
 """
 import argparse
 import logging
-import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-os.environ.setdefault("MS_DEV_HOST_BLOCKING_RUN", "1")
-os.environ.setdefault("GLOG_v", "3")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from recast_ms.cli import configure_environment
+
+configure_environment()  # before MindSpore is imported below
 
 # pylint: disable=wrong-import-position
 import numpy as np
 
 from recast_ms.models.qwen3 import build_qwen3
-from recast_ms.rollout.decoder import FullForwardDecoder, Qwen3KVDecoder
+from recast_ms.models.qwen3_kv import Qwen3KVDecoder
+from recast_ms.rollout.decoder import FullForwardDecoder
 from recast_ms.rollout.engine import sample_groups
 
 PAD, EOS = 0, 1

@@ -11,12 +11,9 @@ Ends with ONE JSON line; its top-level ``train_tokens_per_s`` / ``logprob_tokens
 """
 import argparse
 import json
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from recast_ms.cli import setup_logging  # noqa: E402
+from recast_ms.cli import configure_environment, setup_logging
 
 
 def _median_time(fn, iters):
@@ -40,7 +37,7 @@ def bench(config, args):
 
     from recast_ms.models.policy import TokenLogProbs
     from recast_ms.models.qwen3 import build_qwen3, count_parameters
-    from recast_ms.rollout.decoder import Qwen3KVDecoder
+    from recast_ms.models.qwen3_kv import Qwen3KVDecoder
     from recast_ms.rollout.engine import sample_groups
     from recast_ms.trainer.optim import Optimizer
     from recast_ms.trainer.sft import _sft_loss_cell
@@ -78,6 +75,7 @@ def bench(config, args):
 
 
 def main():
+    configure_environment()  # before MindSpore starts its runtime
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="qwen3_tiny,qwen3_10m")
     p.add_argument("--batch", type=int, default=16)

@@ -27,7 +27,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 STAGES = ("sft_step", "rl_grpo_step", "rl_recast_step", "beam_search")
 
@@ -54,8 +53,9 @@ def _config(args, run_dir, extra=()):
 
 
 def worker(args):
-    from recast_ms.cli import setup_logging
+    from recast_ms.cli import configure_environment, setup_logging
 
+    configure_environment()
     setup_logging()
     from recast_ms.utils.tracking import peak_rss_mb
 
@@ -87,7 +87,8 @@ def worker(args):
         out["memory_mb_first_step"] = {k.split("/")[1]: v for k, v in rows[0].items() if k.startswith("memory_mb/")}
         out["actor_rows"] = rows[1]["actor/rows"]
     elif args.stage == "beam_search":
-        from recast_ms.evaluation import evaluate, make_decoder
+        from recast_ms.evaluation import evaluate
+        from recast_ms.rollout.decoder import make_decoder
         from recast_ms.trainer.setup import build_model, init_runtime, response_len
 
         cfg, splits, tok = _config(args, run_dir)

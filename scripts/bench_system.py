@@ -18,7 +18,6 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def worker_overrides(args):
@@ -31,8 +30,9 @@ def worker_overrides(args):
 
 
 def worker(args):
-    from recast_ms.cli import setup_logging
+    from recast_ms.cli import configure_environment, setup_logging
 
+    configure_environment()
     setup_logging()
     import numpy as np
 

@@ -17,10 +17,8 @@ The layout is the model YAML's TP / PP / recompute / optimizer parallel with DP 
 """
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _tri(v):

@@ -1,31 +1,6 @@
 #!/usr/bin/env python
-"""Supervised warm start: ``python scripts/sft.py --run-dir runs/sft [--config cfg.yaml] [key=value ...]``.
-
-Resumes from the newest checkpoint in ``--run-dir`` (its stored config must agree in shape-relevant
-keys) unless ``--fresh``, which starts a new run there and removes the earlier run's checkpoints.
-"""
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from recast_ms.cli import base_parser, quiet_mindformers, setup_logging  # noqa: E402
-
-
-def main():
-    p = base_parser(__doc__)
-    p.add_argument("--run-dir", required=True)
-    p.add_argument("--fresh", action="store_true",
-                   help="start a new run: removes the earlier checkpoints of --run-dir before the first save")
-    args = p.parse_args()
-    setup_logging()
-    from recast_ms.config import load_config
-    from recast_ms.trainer.sft import run_sft
-
-    cfg = load_config(args.config, args.overrides)
-    quiet_mindformers()
-    m = run_sft(cfg, args.run_dir, resume=not args.fresh)
-    print({k: round(v, 4) for k, v in m.items()})
-
+"""Supervised warm start (``recast-sft``; this file is kept so ``python scripts/sft.py`` works too)."""
+from recast_ms.commands.sft import main
 
 if __name__ == "__main__":
     main()

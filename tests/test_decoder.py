@@ -9,7 +9,8 @@ from mindspore import Tensor
 from mindspore.graph.api import ms_compile_cache
 
 from recast_ms.models.qwen3 import MODEL_CONFIG_DIR, build_qwen3
-from recast_ms.rollout.decoder import FullForwardDecoder, Qwen3KVDecoder
+from recast_ms.models.qwen3_kv import Qwen3KVDecoder
+from recast_ms.rollout.decoder import FullForwardDecoder
 from recast_ms.rollout.engine import SIDConstraint, beam_search, sample_groups
 from recast_ms.sid import MINIONEREC_FORMAT, PrefixTrie, SIDTokenMap
 

@@ -11,7 +11,7 @@ from recast_ms.config import load_config  # noqa: E402
 from recast_ms.models.policy import ResponseLogProbs, TokenLogProbs  # noqa: E402
 from recast_ms.trainer.rl import RLTrainer  # noqa: E402
 
-MICRO = os.path.join(os.path.dirname(__file__), "data", "qwen3_micro.yaml")
+MICRO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_configs", "qwen3_micro.yaml")
 QWEN3_VOCAB = 151_936
 
 
@@ -32,7 +32,7 @@ def test_model_has_the_large_vocabulary(trainer):
 @pytest.mark.parametrize("temperature", [1.0, 1.7])
 def test_response_logps_equal_full_head(trainer, temperature):
     batch = trainer.make_batch()
-    ids, start, R = batch["input_ids"], batch["resp_start"], trainer.R
+    ids, start, R = batch.input_ids, batch.resp_start, trainer.R
     full = TokenLogProbs(trainer.model, temperature)(ms.Tensor(ids)).asnumpy()  # [B, S-1], the full head
     resp = ResponseLogProbs(trainer.model, R, temperature)(ms.Tensor(ids), ms.Tensor(start)).asnumpy()  # [B, R]
     expected = np.stack([full[b, s - 1 : s - 1 + R] for b, s in enumerate(start)])

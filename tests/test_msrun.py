@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("mindspore")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MICRO = os.path.join(ROOT, "tests", "data", "qwen3_micro.yaml")
+MICRO = os.path.join(ROOT, "model_configs", "qwen3_micro.yaml")
 LAUNCHER = os.path.join(ROOT, "scripts", "launch_msrun.sh")
 TIMEOUT_S = 300  # per subprocess (SFT, then the 2-worker RL run)
 

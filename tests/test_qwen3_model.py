@@ -266,7 +266,7 @@ def test_cpu_yaml_builds_model(name, low, high):
 
 def test_every_yaml_is_covered():
     names = {path.stem for path in Path(MODEL_CONFIG_DIR).glob("*.yaml")}
-    assert names == set(PUBLISHED) | {"qwen3_mini", "qwen3_tiny", "qwen3_10m"}
+    assert names == set(PUBLISHED) | {"qwen3_mini", "qwen3_tiny", "qwen3_10m", "qwen3_micro"}
 
 
 def test_yaml_validation_errors():

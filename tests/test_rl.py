@@ -7,9 +7,10 @@ import pytest
 ms = pytest.importorskip("mindspore")
 
 from recast_ms.config import load_config  # noqa: E402
+from recast_ms.rewards import response_sid  # noqa: E402
 from recast_ms.trainer.rl import RLTrainer  # noqa: E402
 
-MICRO = os.path.join(os.path.dirname(__file__), "data", "qwen3_micro.yaml")
+MICRO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_configs", "qwen3_micro.yaml")
 P, G = 4, 4
 
 
@@ -30,28 +31,28 @@ def _trainer(tmp_path, name, **over):
 
 def _seq_logps(trainer, batch):
     """Summed response log-prob of each actor row, under the current actor."""
-    lp = trainer.actor_logps_fn(ms.Tensor(batch["input_ids"]), ms.Tensor(batch["resp_start"])).asnumpy()  # [B, R]
-    return (lp * batch["loss_mask"]).sum(1)
+    lp = trainer.actor_logps_fn(ms.Tensor(batch.input_ids), ms.Tensor(batch.resp_start)).asnumpy()  # [B, R]
+    return (lp * batch.loss_mask).sum(1)
 
 
 def test_recast_step_raises_positive_and_lowers_hardest_negative(tmp_path):
     tr = _trainer(tmp_path, "dir", **{"rl.estimator": "recast"})
     batch = tr.make_batch()
-    assert batch["input_ids"].shape == (2 * P, 32)  # the physical filter: 2 rows per prompt
-    live = batch["active_mask"]
+    assert batch.input_ids.shape == (2 * P, 32)  # the physical filter: 2 rows per prompt
+    live = batch.active_mask
     assert live.any()
     before = _seq_logps(tr, batch)
     tr.update(batch)
     after = _seq_logps(tr, batch)
     delta = (after - before).reshape(P, 2)  # rows (pos, neg) per prompt
-    assert (batch["advantages"].reshape(P, 2)[live] == [1.0, -1.0]).all()
+    assert (batch.advantages.reshape(P, 2)[live] == [1.0, -1.0]).all()
     assert (delta[live, 0] > 0).all(), delta  # the chosen positive became more likely
     assert (delta[live, 1] < 0).all(), delta  # the hardest negative less likely
     # repaired groups put the ground-truth anchor on the positive row
-    anchors = tr.rl_anchors[batch["prompt_index"]]
-    for p in np.nonzero(batch["repaired"])[0]:
-        start = batch["resp_start"][2 * p]
-        resp = batch["input_ids"][2 * p][start : start + tr.R][batch["loss_mask"][2 * p] > 0]
+    anchors = tr.rl_anchors[batch.prompt_index]
+    for p in np.nonzero(batch.repaired)[0]:
+        start = batch.resp_start[2 * p]
+        resp = batch.input_ids[2 * p][start : start + tr.R][batch.loss_mask[2 * p] > 0]
         np.testing.assert_array_equal(resp, anchors[p][anchors[p] != tr.tok.pad_id][: len(resp)])
 
 
@@ -84,7 +85,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 def test_non_finite_loss_stops_with_clear_message(tmp_path):
     tr = _trainer(tmp_path, "nan", **{"rl.estimator": "recast"})
     batch = tr.make_batch()
-    batch["advantages"] = batch["advantages"] * np.float32(np.nan)
+    batch.advantages = batch.advantages * np.float32(np.nan)
     with pytest.raises(FloatingPointError, match="non-finite"):
         tr.update(batch)
 
@@ -97,22 +98,22 @@ def test_beam_groups_are_the_beam_search_and_move_the_policy(tmp_path):
 
     tr = _trainer(tmp_path, "beam", **{"rl.estimator": "recast", "rl.rollout": "beam"})
     batch = tr.make_batch()
-    idx = batch["prompt_index"]
+    idx = batch.prompt_index
     seqs, scores = beam_search(tr.decoder, tr.rl_prompts.ids[idx], tr.rl_prompts.lens[idx], beam_width=G,
                                max_new_tokens=tr.R, eos_id=tr.tok.eos_id, pad_id=tr.tok.pad_id,
                                constraint=tr.constraint)
-    np.testing.assert_array_equal(batch["rollout_ids"].reshape(P, G, tr.R), seqs)
+    np.testing.assert_array_equal(batch.rollout_ids.reshape(P, G, tr.R), seqs)
     assert (np.diff(scores, axis=1) <= 0).all()  # best first
-    assert batch["valid"].all()
+    assert batch.valid.all()
     for p in range(P):
-        sids = [tr.token_map.response_sid(row) for row in seqs[p]]
+        sids = [response_sid(row, tr.token_map) for row in seqs[p]]
         assert all(s is not None and tr.splits.codebook.is_valid(s) for s in sids)
         assert len(set(sids)) == G  # G distinct items
     # a deterministic rollout: the same weights give the same group again
-    np.testing.assert_array_equal(tr.make_batch()["rollout_ids"], batch["rollout_ids"])
+    np.testing.assert_array_equal(tr.make_batch().rollout_ids, batch.rollout_ids)
 
-    live = batch["active_mask"]
-    assert live.any() and batch["input_ids"].shape == (2 * P, 32)  # the [2P, T] gather is unchanged
+    live = batch.active_mask
+    assert live.any() and batch.input_ids.shape == (2 * P, 32)  # the [2P, T] gather is unchanged
     before = _seq_logps(tr, batch)
     tr.update(batch)
     delta = (_seq_logps(tr, batch) - before).reshape(P, 2)
@@ -122,24 +123,24 @@ def test_beam_groups_are_the_beam_search_and_move_the_policy(tmp_path):
     # positives rise on average rather than each one
     assert delta[live, 0].mean() > 0, delta
     # a natural (non-repaired) positive or negative is one of the group's beams
-    rows = batch["rollout_ids"].reshape(P, G, tr.R)
-    for p in np.nonzero(live & ~batch["repaired"])[0]:
-        pos, neg = batch["active_index"][p]
-        start = batch["resp_start"][2 * p]
-        np.testing.assert_array_equal(batch["input_ids"][2 * p][start:start + tr.R][batch["loss_mask"][2 * p] > 0],
-                                      rows[p, pos][: int(batch["loss_mask"][2 * p].sum())])
+    rows = batch.rollout_ids.reshape(P, G, tr.R)
+    for p in np.nonzero(live & ~batch.repaired)[0]:
+        pos, neg = batch.active_index[p]
+        start = batch.resp_start[2 * p]
+        np.testing.assert_array_equal(batch.input_ids[2 * p][start:start + tr.R][batch.loss_mask[2 * p] > 0],
+                                      rows[p, pos][: int(batch.loss_mask[2 * p].sum())])
         assert rows[p, neg].tolist() != rows[p, pos].tolist()
 
 
 def test_anchor_only_raises_the_positive_and_leaves_the_negative_without_loss(tmp_path):
     tr = _trainer(tmp_path, "anchor", **{"rl.estimator": "anchor_only"})
     batch = tr.make_batch()
-    assert batch["input_ids"].shape == (2 * P, 32)
-    live = batch["active_mask"]
-    assert live.any() and batch["repaired"].any()
-    adv = batch["advantages"].reshape(P, 2)
+    assert batch.input_ids.shape == (2 * P, 32)
+    live = batch.active_mask
+    assert live.any() and batch.repaired.any()
+    adv = batch.advantages.reshape(P, 2)
     assert (adv[live] == [1.0, 0.0]).all() and (adv[~live] == 0).all()
-    mask = batch["loss_mask"].reshape(P, 2, -1)
+    mask = batch.loss_mask.reshape(P, 2, -1)
     assert (mask[:, 1] == 0).all()  # the negative row carries no loss at all (no -alpha, no KL)
     assert (mask[live, 0].sum(-1) > 0).all()
     before = _seq_logps(tr, batch)

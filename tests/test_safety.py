@@ -18,7 +18,7 @@ from recast_ms.config import load_config
 from recast_ms.trainer import checkpoint as ckpt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MICRO = os.path.join(ROOT, "tests", "data", "qwen3_micro.yaml")
+MICRO = os.path.join(ROOT, "model_configs", "qwen3_micro.yaml")
 SFT = [f"model_config={MICRO}", "seq_length=32", "data.num_users=60", "sft.batch_size=8", "sft.warmup_steps=0",
        "sft.log_every=1", "sft.eval_every=100"]
 RL = ["rl.prompts_per_step=4", "rl.group_size=4", "rl.kl_coef=0.0", "rl.micro_batch_size=8"]
@@ -159,7 +159,7 @@ def test_a_run_whose_updates_are_all_zero_says_so(tmp_path, caplog):
 
 
 def test_reward_and_evaluation_parse_a_response_alike():
-    from recast_ms.evaluation import decode_sid
+    from recast_ms.rewards import response_sid
     from recast_ms.sid import MINIONEREC_FORMAT, SIDCodebook, SIDTokenMap
     from recast_ms.trainer.rl import RLTrainer
 
@@ -172,7 +172,7 @@ def test_reward_and_evaluation_parse_a_response_alike():
     host = SimpleNamespace(G=3, splits=SimpleNamespace(codebook=cb), token_map=tmap, R=4)
     sample = SimpleNamespace(target_sids=((1, 2, 3),))
     rewards, scores, valid = RLTrainer._rewards(host, rows, [sample])
-    hits = [decode_sid(r, tmap, eos) == (1, 2, 3) for r in rows]
+    hits = [response_sid(r, tmap) == (1, 2, 3) for r in rows]
     assert rewards[0].tolist() == [float(h) for h in hits] == [1.0, 0.0, 0.0]  # before: the shifted row earned 1
     assert valid[0].tolist() == [True, False, False]
 

@@ -11,7 +11,7 @@ from recast_ms.config import load_config  # noqa: E402
 from recast_ms.trainer import checkpoint as ckpt  # noqa: E402
 from recast_ms.trainer.sft import run_sft  # noqa: E402
 
-MICRO = os.path.join(os.path.dirname(__file__), "data", "qwen3_micro.yaml")
+MICRO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_configs", "qwen3_micro.yaml")
 
 
 def _cfg():

@@ -2,16 +2,18 @@
 import numpy as np
 import pytest
 
+from recast_ms.rewards import sid_similarity, structural_score, task_reward
 from recast_ms.signals import (
+    ESTIMATORS,
+    Selection,
     compute_signal,
-    gather_active_rows,
+    gather_rows,
+    get_estimator,
     grpo_advantage,
     group_rows,
     recast_signal,
-    sid_similarity,
+    select,
     signal_diagnostics,
-    structural_score,
-    task_reward,
 )
 
 # ----------------------------------------------------------------------------- rewards / scores
@@ -226,20 +228,55 @@ def test_inputs_not_mutated():
 # ----------------------------------------------------------------------------- gather
 
 
-def test_gather_active_rows_uses_anchor_for_repaired_groups():
+def test_gather_rows_uses_anchor_for_repaired_groups():
     P, G, T = 3, 4, 5
     rows = np.arange(P * G * T).reshape(P * G, T)
     anchors = -np.arange(P * T).reshape(P, T) - 1
     r = [[0, 0, 0, 0], [0, 1, 0, 0], [1, 1, 1, 1]]
     s = [[0.2, 0.1, 0.5, 0.1], [0.3, 1, 0.6, 0.0], [1, 1, 1, 1]]
     sig = recast_signal(r, s)
-    out = gather_active_rows(rows, anchors, sig)
+    sel = Selection.from_signal(sig)
+    out = gather_rows(rows, anchors, sel)
     assert out.shape == (2 * P, T)
+    assert sel.live.tolist() == [True, True, True, True, False, False]  # the skipped group carries no loss
     np.testing.assert_array_equal(out[0], anchors[0])  # repaired: anchor replaces slot 1
     np.testing.assert_array_equal(out[1], rows[0 * G + 2])  # hardest negative (score .5)
     np.testing.assert_array_equal(out[2], rows[1 * G + 1])
     np.testing.assert_array_equal(out[3], rows[1 * G + 2])
     assert not sig.active_mask[2]  # skipped group keeps two rows, masked by the caller
+
+
+def test_whole_group_selection_swaps_the_anchor_into_its_slot():
+    """repair-only: every row stays (B = P*G), the replaced slot holds the anchor's tokens, advantages are
+    the repaired group's GRPO advantages; GRPO itself is the identity selection."""
+    P, G, T = 2, 4, 3
+    rows = np.arange(P * G * T).reshape(P * G, T)
+    anchors = -np.arange(P * T).reshape(P, T) - 1
+    r = [[0, 0, 0, 0], [0, 1, 0, 0]]
+    s = [[0.5, 0.2, 0.2, 0.9], [0.3, 1, 0.6, 0.0]]
+    sel = select(get_estimator("repair_only"), r, s, eps=0.0)
+    out = gather_rows(rows, anchors, sel)
+    assert out.shape == (P * G, T) and sel.live.all()
+    np.testing.assert_array_equal(out[1], anchors[0])  # argmin score of group 0 is slot 1 (tie -> lowest)
+    keep = np.ones(P * G, bool)
+    keep[1] = False
+    np.testing.assert_array_equal(out[keep], rows[keep])
+    np.testing.assert_allclose(sel.advantages[:G], compute_signal("repair_only", r, s, eps=0.0).advantages[0], rtol=1e-6)
+    grpo = select(get_estimator("grpo"), r, s)
+    np.testing.assert_array_equal(gather_rows(rows, anchors, grpo), rows)
+    assert not grpo.from_anchor.any()
+
+
+def test_registry_declares_every_estimator_once():
+    assert list(ESTIMATORS) == ["grpo", "repair_only", "boundary_only", "recast", "recast_adaptive", "anchor_only"]
+    flags = {n: (e.repair, e.boundary, e.negative) for n, e in ESTIMATORS.items()}
+    assert flags["recast"] == (True, True, True) and flags["grpo"] == (False, False, True)
+    assert flags["anchor_only"] == (True, True, False) and ESTIMATORS["recast_adaptive"].adaptive
+    for est in ESTIMATORS.values():
+        assert est.actor_rows(8, 16) == (16 if est.boundary else 128)
+        assert (est.cell(4) is None) == (not est.boundary)
+    with pytest.raises(ValueError, match="unknown estimator 'ppo'"):
+        get_estimator("ppo")
 
 
 # ----------------------------------------------------------------------------- group_ids

@@ -1,11 +1,11 @@
-"""The graph-mode RecastSelect / GatherActive Cells agree exactly with the numpy reference."""
+"""The graph-mode RecastSelect Cell agrees exactly with the numpy reference, down to the actor rows."""
 import numpy as np
 import pytest
 
 ms = pytest.importorskip("mindspore")
 
-from recast_ms.signals import gather_active_rows, recast_signal  # noqa: E402
-from recast_ms.signals_ms import GatherActive, RecastSelect  # noqa: E402
+from recast_ms.signals import Selection, gather_rows, get_estimator, recast_signal, select  # noqa: E402
+from recast_ms.signals_ms import RecastSelect  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,18 +55,26 @@ def test_cell_matches_numpy_on_random_inputs(repair, negative, G):
 
 
 def test_gather_matches_numpy():
+    """The trainer's path (Cell selection -> Selection -> gather_rows) gives the numpy reference's actor rows."""
     P, G, T = 16, 8, 12
     rng = np.random.default_rng(3)
     r, s = _batch(rng, P, G, 0.1)
-    ref = recast_signal(r, s)
+    ref = Selection.from_signal(recast_signal(r, s))
     rows = rng.integers(0, 1000, (P * G, T)).astype(np.int32)
     anchors = rng.integers(1000, 2000, (P, T)).astype(np.int32)
-    sel, gather = RecastSelect(G), GatherActive(G)
-    idx, _, _, repaired, *_ = sel(ms.Tensor(r), ms.Tensor(s), ms.Tensor(np.ones(P, bool)))
-    out = gather(ms.Tensor(rows), ms.Tensor(anchors), idx, repaired).asnumpy()
+    for name in ("recast", "anchor_only", "boundary_only"):
+        est = get_estimator(name)
+        graph = select(est, r, s, cell=est.cell(G))
+        numpy_ref = select(est, r, s)
+        for field in ("row_index", "from_anchor", "prompt_index", "live", "repaired", "active_mask"):
+            np.testing.assert_array_equal(getattr(graph, field), getattr(numpy_ref, field), err_msg=f"{name} {field}")
+        np.testing.assert_array_equal(graph.advantages, numpy_ref.advantages.astype(np.float32))
+    graph = select(get_estimator("recast"), r, s, cell=get_estimator("recast").cell(G))
+    out = gather_rows(rows, anchors, graph)
     assert out.shape == (2 * P, T)
-    np.testing.assert_array_equal(out, gather_active_rows(rows, anchors, ref))
-    assert repaired.asnumpy().any()  # the anchor path was exercised
+    np.testing.assert_array_equal(out, gather_rows(rows, anchors, ref))
+    assert graph.repaired.any()  # the anchor path was exercised
+    np.testing.assert_array_equal(out[0::2][graph.repaired], anchors[graph.repaired])
 
 
 def test_cell_rejects_bad_construction():

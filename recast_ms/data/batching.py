@@ -65,3 +65,43 @@ def pack(prompt_ids: np.ndarray, prompt_lens: np.ndarray, response_ids: np.ndarr
     loss_mask = np.zeros((B, seq_length - 1), np.float32)
     loss_mask[rows[live], cols[live] - 1] = 1.0
     return ids, loss_mask
+
+
+class EpochSampler:
+    """Seeded epochs over ``n`` rows, ``per_step`` rows a step: the rows of step t are a pure function of
+    (seed, t), so a resumed run (any data-parallel rank, its own seed) continues its stream exactly from the
+    step number alone, with no sampler state in the checkpoint. The ragged tail of an epoch is skipped; the
+    next epoch reshuffles.
+
+    ``chained=False`` (RL): epoch e is ``default_rng([seed, e]).permutation(n)``. ``chained=True`` (SFT): epoch
+    e is the (e+1)-th permutation drawn from one ``default_rng(seed)``, the order SFT always used (replayed
+    from the seed, so still stateless; the SFT runs behind the committed results reproduce bit for bit).
+    """
+
+    def __init__(self, n: int, per_step: int, seed: int, *, chained: bool = False):
+        if per_step < 1 or n < per_step:
+            raise ValueError(f"{n} rows cannot fill steps of {per_step}")
+        self.n, self.k, self.seed, self.chained = n, per_step, seed, chained
+        self.per_epoch = n // per_step
+        self._cached = (-1, None)  # (epoch, permutation): consecutive steps share an epoch
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.per_epoch
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if self._cached[0] == epoch:
+            return self._cached[1]
+        if self.chained:
+            rng = np.random.default_rng(self.seed)
+            for _ in range(epoch):
+                rng.permutation(self.n)
+            perm = rng.permutation(self.n)
+        else:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        self._cached = (epoch, perm)
+        return perm
+
+    def at(self, step: int) -> np.ndarray:
+        """Row indices ``[per_step]`` of step ``step`` (0-based)."""
+        epoch, slot = divmod(step, self.per_epoch)
+        return self._perm(epoch)[slot * self.k : (slot + 1) * self.k]

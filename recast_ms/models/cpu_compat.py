@@ -113,6 +113,8 @@ def _replacements() -> dict:
     from mindformers.parallel_core.training_graph.transformer.norm import RMSNorm
     from mindformers.parallel_core.training_graph.tensor_parallel.layers import VocabParallelEmbedding
 
+    from recast_ms.models.layout import qkv_2d, swiglu_2d
+
     # Patch 1 (FusedRMSNorm -> reference RMSNorm): the RmsNorm primitive has no CPU kernel. The reference
     # RMSNorm of the same module keeps the parameter ("weight", shape (dim,)); the reductions run on a 2-D
     # (N, D) view because CPU reduce kernels on 3-D/4-D inputs are several times slower.
@@ -204,37 +206,14 @@ def _replacements() -> dict:
     from mindformers.parallel_core.training_graph.transformer.attention import SelfAttention, SelfAttentionContiguous
 
     # Patch 3c (q/k/v on 2-D views): MindFormers runs the fused q/k/v projection, then splits its 4-D
-    # [S, B, Nkv, (rep+2)*D] output on the last axis, which is slow on CPU. Here the split is on 2-D views, of
-    # the fused WEIGHT when the graph has more token rows than the hidden size (a split costs ~ its tensor: the
-    # tiny model's micro-batches), else of the 2-D activation (Qwen3-0.6B at a few rows: splitting its weights
-    # every call cost 4x the step time, measured). The same numbers either way.
-    def _weights_cheaper(rows, hidden):
-        return rows > hidden
-
+    # [S, B, Nkv, (rep+2)*D] output on the last axis, which is slow on CPU. Here the split is on 2-D views of
+    # the fused weight or of the activation, whichever is cheaper (recast_ms/models/layout.py, shared with the
+    # KV decode graphs). The same numbers either way.
     def _qkv_from_weights(att, hidden_states, contiguous):
         seq, bsz, hidden = hidden_states.shape
         x = ops.reshape(hidden_states, (-1, hidden))  # (S*B, H)
-        weight = att.linear_qkv.weight  # (rows, H): [Q; K; V] (contiguous) or per kv group [q_g; k_g; v_g]
         nkv, rep, dim = att.kv_num_heads, att.n_rep, att.head_dim
-        if _weights_cheaper(seq * bsz, hidden):
-            if contiguous:
-                wq, wk, wv = weight[: nkv * rep * dim], weight[nkv * rep * dim : nkv * (rep + 1) * dim], \
-                    weight[nkv * (rep + 1) * dim :]
-            else:
-                grouped = ops.reshape(weight, (nkv, (rep + 2) * dim, hidden))
-                wq = ops.reshape(grouped[:, : rep * dim], (-1, hidden))
-                wk = ops.reshape(grouped[:, rep * dim : (rep + 1) * dim], (-1, hidden))
-                wv = ops.reshape(grouped[:, (rep + 1) * dim :], (-1, hidden))
-            q2, k2, v2 = att.cpu_mm(x, wq), att.cpu_mm(x, wk), att.cpu_mm(x, wv)
-        else:
-            qkv = att.cpu_mm(x, weight)  # (S*B, rows)
-            if contiguous:
-                q2, k2, v2 = qkv[:, : nkv * rep * dim], qkv[:, nkv * rep * dim : nkv * (rep + 1) * dim], \
-                    qkv[:, nkv * (rep + 1) * dim :]
-            else:
-                grouped = ops.reshape(qkv, (seq * bsz, nkv, (rep + 2) * dim))
-                q2, k2, v2 = grouped[:, :, : rep * dim], grouped[:, :, rep * dim : (rep + 1) * dim], \
-                    grouped[:, :, (rep + 1) * dim :]
+        q2, k2, v2 = qkv_2d(att.cpu_mm, x, att.linear_qkv.weight, nkv, rep, dim, contiguous)
         query = ops.reshape(q2, (seq, bsz, nkv, rep * dim))
         key = ops.reshape(k2, (seq, bsz, nkv, dim))
         value = ops.reshape(v2, (seq, bsz, nkv, dim))
@@ -279,24 +258,8 @@ def _replacements() -> dict:
 
     def _swiglu_from_weights(mlp, hidden_states, interleaved):
         seq, bsz, hidden = hidden_states.shape
-        x = ops.reshape(hidden_states, (-1, hidden))  # (S*B, H)
-        weight = mlp.linear_fc1.weight  # (2I, H)
-        half = weight.shape[0] // 2
-        if _weights_cheaper(seq * bsz, hidden):
-            if interleaved:  # rows gate_0, up_0, gate_1, up_1, ...
-                pairs = ops.reshape(weight, (-1, 2, hidden))
-                w_gate, w_up = pairs[:, 0], pairs[:, 1]
-            else:  # rows [gate; up]
-                w_gate, w_up = weight[:half], weight[half:]
-            gate, up = mlp.cpu_mm(x, w_gate), mlp.cpu_mm(x, w_up)
-        else:
-            both = mlp.cpu_mm(x, weight)  # (S*B, 2I)
-            if interleaved:
-                pairs = ops.reshape(both, (seq * bsz, half, 2))
-                gate, up = pairs[:, :, 0], pairs[:, :, 1]
-            else:
-                gate, up = both[:, :half], both[:, half:]
-        inner = ops.silu(gate) * up  # (S*B, I)
+        inner = swiglu_2d(mlp.cpu_mm, ops.reshape(hidden_states, (-1, hidden)), mlp.linear_fc1.weight,
+                          interleaved)  # (S*B, I)
         output, output_bias = mlp.linear_fc2(ops.reshape(inner, (seq, bsz, -1)))
         return output, output_bias
 

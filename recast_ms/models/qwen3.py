@@ -12,20 +12,16 @@ On CPU the model is built in fp32 with the CPU patches of :mod:`recast_ms.models
 that have no CPU implementation (bf16 compute, flash attention, dropout, model/pipeline parallelism,
 recompute) are overridden and logged.
 
-Set ``MS_DEV_HOST_BLOCKING_RUN=1`` before MindSpore starts its runtime (this module sets it if unset, which
-is early enough when imported before the first graph runs; ``tests/conftest.py`` sets it too): without it the
-runtime's queue busy-waits on one of the CPU cores.
+Set ``MS_DEV_HOST_BLOCKING_RUN=1`` before MindSpore starts its runtime (the commands do, through
+``recast_ms.cli.configure_environment``; ``tests/conftest.py`` does too): without it the runtime's queue
+busy-waits on one of the CPU cores.
 """
 import copy
 import inspect
 import logging
-import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-os.environ.setdefault("MS_DEV_HOST_BLOCKING_RUN", "1")
-
-# pylint: disable=wrong-import-position
 import numpy as np
 import yaml
 import mindspore as ms

@@ -1,4 +1,5 @@
-"""Weights of MindFormers' training-graph Qwen3: Hugging Face checkpoints in, the project's own checkpoints in/out.
+"""Weights of MindFormers' training-graph Qwen3: Hugging Face checkpoints in (the project's own training-state
+checkpoints are ``recast_ms/trainer/checkpoint.py``), and the one :func:`set_parameters` every load goes through.
 
 Hugging Face checkpoints (``config.json`` + ``model.safetensors`` or sharded ``model-*.safetensors`` with
 ``model.safetensors.index.json``) are read offline by a small safetensors reader of our own (fp32/fp16/bf16
@@ -27,10 +28,6 @@ freshly random rows can instead give logits far from the old ones. As an input r
 tokens differ from the first step. Old rows are never touched, so the logits of old tokens on sequences of
 old tokens are exactly those of the unextended model.
 
-The project's own checkpoints are MindSpore ``.ckpt`` files with CRC32 checks, written to a temporary file in
-the same directory and renamed into place (a crash never leaves a half file under the final name), with a
-JSON metadata dict stored inside the file.
-
 Every error about a checkpoint is a :class:`CheckpointError` (a ``ValueError``) naming the file and the
 tensor(s) concerned.
 """
@@ -39,13 +36,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import mindspore as ms
 from mindspore import Parameter, Tensor
+
+from recast_ms.models.layout import fuse_gate_up, fuse_qkv
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +51,6 @@ PathLike = Union[str, os.PathLike]
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-META_KEY = "__recast_meta__"  # JSON string stored inside our .ckpt files
-FORMAT_KEY = "__recast_format__"
-CKPT_FORMAT = "recast_ms.weights/1"
 DEFAULT_NOISE_SCALE = 0.1
 
 # tensors a Hugging Face Qwen3 checkpoint may hold that the model does not use
@@ -322,23 +316,6 @@ def check_hf_tensors(tensors: HFTensors, config: Mapping, *, strict: bool = True
 
 # ============================================================================================ conversion
 
-def fuse_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray, kv_heads: int, *, contiguous: bool = False) -> np.ndarray:
-    """MindFormers' ``linear_qkv`` rows from HF q/k/v: grouped per kv head g as [q heads of g, k_g, v_g]
-    (``concat_qkv_interleaved``), or [Q; K; V] when ``contiguous``."""
-    if contiguous:
-        return np.concatenate([q, k, v], 0)
-    hidden = q.shape[1]
-    return np.concatenate([q.reshape(kv_heads, -1, hidden), k.reshape(kv_heads, -1, hidden),
-                           v.reshape(kv_heads, -1, hidden)], 1).reshape(-1, hidden)
-
-
-def fuse_gate_up(gate: np.ndarray, up: np.ndarray, *, interleaved: bool = False) -> np.ndarray:
-    """MindFormers' ``linear_fc1`` rows: [gate; up], or gate/up alternating row by row when ``interleaved``."""
-    if interleaved:
-        return np.stack([gate, up], 1).reshape(-1, gate.shape[1])
-    return np.concatenate([gate, up], 0)
-
-
 def extend_rows(matrix: np.ndarray, num_rows: int, new_rows: Optional[Iterable[int]] = None, *,
                 rng: Optional[np.random.Generator] = None, noise_scale: float = DEFAULT_NOISE_SCALE) -> np.ndarray:
     """``matrix [V_old, H]`` grown to ``[num_rows, H]``; the rows ``new_rows`` (default: every row past V_old;
@@ -437,10 +414,11 @@ def _check_names(source, wanted, available, strict: bool, missing_msg: str, unex
 
 def set_parameters(model, arrays: Mapping[str, Tuple[np.ndarray, str]], source: str, *,
                     strict: bool = True) -> None:
-    """Set every model parameter from ``arrays`` (``{name: (array, origin)}``, origin naming the file the
-    array came from, or ``""``) after checking names and shapes of all of them first: a failed load
-    changes nothing."""
-    params = named_parameters(model)
+    """Set every parameter of ``model`` (a Cell, or a ``{name: Parameter}`` mapping such as optimizer
+    moments) from ``arrays`` (``{name: (array, origin)}``, origin naming the file the array came from, or
+    ``""``) after checking names and shapes of all of them first: a failed load changes nothing. Every load
+    of weights into a model goes through here (Hugging Face import, the project's checkpoints, resume)."""
+    params = dict(model) if isinstance(model, Mapping) else named_parameters(model)
     _check_names(source, params, arrays, strict, "no tensor for model parameter(s) ",
                  "tensor(s) the model does not have: ")
     for name, param in params.items():
@@ -450,6 +428,11 @@ def set_parameters(model, arrays: Mapping[str, Tuple[np.ndarray, str]], source: 
                                   f"the model needs {list(param.shape)}")
     for name, param in params.items():
         param.set_data(Tensor(np.ascontiguousarray(arrays[name][0]), param.dtype))
+
+
+def model_tensors(model, prefix: str = "") -> Dict[str, np.ndarray]:
+    """``{prefix + param.name: array}`` of a model's parameters (each shared parameter once)."""
+    return {prefix + name: param.asnumpy() for name, param in named_parameters(model).items()}
 
 
 def load_hf_weights(model, hf_dir: PathLike, *, new_token_ids: Optional[Iterable[int]] = None, seed: int = 0,
@@ -517,107 +500,3 @@ def load_hf_qwen3(hf_dir: PathLike, *, seq_length: int, vocab_size: Optional[int
     load_hf_weights(model, hf_dir, new_token_ids=new_token_ids, seed=init_seed, noise_scale=noise_scale,
                     strict=strict, tensors=tensors)
     return model
-
-
-# ============================================================================================ own checkpoints
-
-def _named_parameters(params) -> Dict[str, Parameter]:
-    """``{name: Parameter}`` of a Cell (:func:`named_parameters`) or a dict."""
-    if isinstance(params, Mapping):
-        return dict(params)
-    return named_parameters(params)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _check_ckpt_path(path: PathLike) -> Path:
-    path = Path(path)
-    if path.suffix != ".ckpt":
-        raise ValueError(f"{path}: MindSpore checkpoints must end in .ckpt")
-    return path
-
-
-def save_checkpoint(params, path: PathLike, extra: Optional[dict] = None) -> Path:
-    """Save a Cell's parameters (or a ``{name: Parameter|Tensor|ndarray}`` dict, e.g. optimizer moments) to a
-    MindSpore ``.ckpt`` with CRC32, atomically: written to a temporary file beside ``path``, flushed to disk,
-    then renamed over ``path``. ``extra`` (JSON-serialisable: step, config, ...) is stored inside the file.
-    Returns ``path``."""
-    path = _check_ckpt_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = json.dumps(extra or {})  # fails before anything is written if extra is not JSON-serialisable
-    named = _named_parameters(params)
-    for reserved in (META_KEY, FORMAT_KEY):
-        if reserved in named:
-            raise ValueError(f"parameter name {reserved!r} is reserved")
-    items = []
-    for name, value in named.items():
-        if isinstance(value, np.ndarray):
-            value = Tensor(value)
-        items.append({"name": name, "data": value})
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.ckpt", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        ms.save_checkpoint(items, str(tmp), append_dict={META_KEY: meta, FORMAT_KEY: CKPT_FORMAT}, crc_check=True)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def read_checkpoint(path: PathLike) -> Tuple[Dict[str, np.ndarray], dict]:
-    """``({name: array}, extra)`` of a checkpoint written by :func:`save_checkpoint` (CRC checked); a plain
-    MindSpore checkpoint reads with ``extra == {}``."""
-    path = _check_ckpt_path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        loaded = ms.load_checkpoint(str(path), crc_check=True)
-    except (ValueError, RuntimeError, OSError, TypeError) as err:
-        raise CheckpointError(f"{path}: corrupt or truncated MindSpore checkpoint ({err})") from None
-    meta = loaded.pop(META_KEY, None)
-    loaded.pop(FORMAT_KEY, None)
-    try:
-        extra = {} if meta is None else json.loads(str(meta))  # a plain MindSpore checkpoint has no metadata
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: corrupt metadata ({err})") from None
-    arrays = {}
-    for name, value in loaded.items():
-        if not isinstance(value, (Parameter, Tensor)):
-            raise CheckpointError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
-        arrays[name] = value.asnumpy()
-    return arrays, extra
-
-
-def load_checkpoint(params, path: PathLike, strict: bool = True) -> dict:
-    """Load a :func:`save_checkpoint` file into a Cell (or ``{name: Parameter}`` dict); returns ``extra``.
-
-    Names and shapes of every tensor are checked before anything is set: a parameter missing from the file,
-    a tensor of the wrong shape or (``strict``) a tensor the target does not have raises
-    :class:`CheckpointError` naming it and the file."""
-    arrays, extra = read_checkpoint(path)
-    named = _named_parameters(params)
-    _check_names(path, named, arrays, strict, "tensor(s) missing from the checkpoint: ",
-                 "tensor(s) the target does not have: ")
-    for name, param in named.items():
-        if tuple(arrays[name].shape) != tuple(param.shape):
-            raise CheckpointError(f"{path}: tensor {name!r} has shape {list(arrays[name].shape)}, the target needs "
-                                  f"{list(param.shape)}")
-    for name, param in named.items():
-        param.set_data(Tensor(arrays[name], param.dtype))
-    return extra

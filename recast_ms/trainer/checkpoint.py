@@ -1,8 +1,13 @@
-"""Training-state checkpoints for exact resume: weights, optimizer moments, step, data order, RNG.
+"""The project's own checkpoints: the ``.ckpt`` file format and training states for exact resume.
 
-A checkpoint is a directory ``<run>/checkpoints/step_<N>/`` holding ``state.ckpt`` (a MindSpore
-checkpoint with CRC: ``model/<param>`` weights and ``optim/<name>`` optimizer moments, written by
-``recast_ms.models.weights.save_checkpoint``) and ``meta.json`` (step, sampler positions, RNG states).
+File format (:func:`save_checkpoint` / :func:`read_checkpoint` / :func:`load_checkpoint`): a MindSpore
+``.ckpt`` with CRC32 checks, written to a temporary file in the same directory, flushed and renamed into
+place (a crash never leaves a half file under the final name), with a JSON metadata dict stored inside.
+
+Training state (:func:`save_train_state` / :func:`load_train_state`, shared by SFT and RL): a directory
+``<run>/checkpoints/step_<N>/`` holding ``state.ckpt`` (``model/<param>`` weights and ``optim/<name>``
+optimizer moments) and ``meta.json`` (step, phase, and what a loop adds). Data order and RNG streams are
+pure functions of (seed, rank, step) in both loops, so the step is all a resume needs.
 The directory is written under a temporary name and renamed into place, so a kill mid-write never
 leaves a half checkpoint that ``latest_checkpoint`` would pick up. Only the newest ``keep`` at or
 below the saved step are kept: a checkpoint newer than the one just saved is never pruned.
@@ -20,10 +25,15 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Dict, List, Optional, Tuple
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
+PathLike = Union[str, os.PathLike]
+META_KEY = "__recast_meta__"  # JSON string stored inside our .ckpt files
+FORMAT_KEY = "__recast_format__"
+CKPT_FORMAT = "recast_ms.weights/1"  # the value files written before this module held the format carry
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _TMP_RE = re.compile(r"^\.step_\d+\.")  # a save killed mid-write
 CONFIG_FILE = "config.yaml"
@@ -37,8 +47,6 @@ def save_state(run_dir: str, step: int, tensors: Dict[str, np.ndarray], meta: di
     final = os.path.join(ckpt_root, f"step_{step}")
     tmp = tempfile.mkdtemp(prefix=f".step_{step}.", dir=ckpt_root)
     try:
-        from recast_ms.models.weights import save_checkpoint
-
         save_checkpoint(tensors, os.path.join(tmp, "state.ckpt"))
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump({"step": int(step), **meta}, f)
@@ -127,8 +135,6 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
 
 def load_state(path: str) -> Tuple[Dict[str, np.ndarray], dict]:
     """``(tensors, meta)`` of a checkpoint directory; a corrupt file is an error naming it."""
-    from recast_ms.models.weights import read_checkpoint
-
     try:
         with open(os.path.join(path, "meta.json")) as f:
             meta = json.load(f)
@@ -139,7 +145,9 @@ def load_state(path: str) -> Tuple[Dict[str, np.ndarray], dict]:
 
 
 def model_tensors(model, prefix: str = "model/") -> Dict[str, np.ndarray]:
-    return {prefix + p.name: p.asnumpy() for p in model.get_parameters()}
+    from recast_ms.models.weights import model_tensors as tensors_of
+
+    return tensors_of(model, prefix)
 
 
 def restore_model(model, tensors: Dict[str, np.ndarray], prefix: str = "model/", path: str = "checkpoint") -> None:
@@ -151,9 +159,120 @@ def restore_model(model, tensors: Dict[str, np.ndarray], prefix: str = "model/",
     set_parameters(model, arrays, path, strict=True)
 
 
-def rng_state(rng: np.random.Generator) -> dict:
-    return rng.bit_generator.state
+def save_train_state(run_dir: str, step: int, model, opt, meta: dict, *, what: str,
+                     init_checkpoint: Optional[str] = None) -> str:
+    """Save weights and optimizer moments at ``step`` (``meta`` must carry ``phase``), after checking
+    every tensor is finite (``what`` names the loop in the error: "SFT", "RL")."""
+    from recast_ms.trainer import guard
+
+    tensors = model_tensors(model)
+    tensors.update({"optim/" + k: v for k, v in opt.state_dict().items()})
+    guard.check_state(what, step, tensors, run_dir, init_checkpoint)  # never write a blown-up state
+    return save_state(run_dir, step, tensors, meta)
 
 
-def set_rng_state(rng: np.random.Generator, state: dict) -> None:
-    rng.bit_generator.state = state
+def load_train_state(path: str, model, opt) -> dict:
+    """Restore weights and optimizer moments from the training state at ``path``; returns its meta."""
+    tensors, meta = load_state(path)
+    restore_model(model, tensors, path=path)
+    opt.load_state_dict({k[len("optim/"):]: v for k, v in tensors.items() if k.startswith("optim/")})
+    return meta
+
+
+# ----------------------------------------------------------------------------- the .ckpt file format
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _check_ckpt_path(path: PathLike) -> Path:
+    path = Path(path)
+    if path.suffix != ".ckpt":
+        raise ValueError(f"{path}: MindSpore checkpoints must end in .ckpt")
+    return path
+
+
+def save_checkpoint(params, path: PathLike, extra: Optional[dict] = None) -> Path:
+    """Save a Cell's parameters (or a ``{name: Parameter|Tensor|ndarray}`` dict, e.g. optimizer moments) to a
+    MindSpore ``.ckpt`` with CRC32, atomically: written to a temporary file beside ``path``, flushed to disk,
+    then renamed over ``path``. ``extra`` (JSON-serialisable: step, config, ...) is stored inside the file.
+    Returns ``path``."""
+    import mindspore as ms
+    from mindspore import Tensor
+
+    path = _check_ckpt_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = json.dumps(extra or {})  # fails before anything is written if extra is not JSON-serialisable
+    named = dict(params) if isinstance(params, dict) else {p.name: p for p in params.get_parameters()}
+    for reserved in (META_KEY, FORMAT_KEY):
+        if reserved in named:
+            raise ValueError(f"parameter name {reserved!r} is reserved")
+    items = []
+    for name, value in named.items():
+        if isinstance(value, np.ndarray):
+            value = Tensor(value)
+        items.append({"name": name, "data": value})
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.ckpt", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        ms.save_checkpoint(items, str(tmp), append_dict={META_KEY: meta, FORMAT_KEY: CKPT_FORMAT}, crc_check=True)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def read_checkpoint(path: PathLike) -> Tuple[Dict[str, np.ndarray], dict]:
+    """``({name: array}, extra)`` of a checkpoint written by :func:`save_checkpoint` (CRC checked); a plain
+    MindSpore checkpoint reads with ``extra == {}``."""
+    import mindspore as ms
+    from mindspore import Parameter, Tensor
+
+    from recast_ms.models.weights import CheckpointError
+
+    path = _check_ckpt_path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        loaded = ms.load_checkpoint(str(path), crc_check=True)
+    except (ValueError, RuntimeError, OSError, TypeError) as err:
+        raise CheckpointError(f"{path}: corrupt or truncated MindSpore checkpoint ({err})") from None
+    meta = loaded.pop(META_KEY, None)
+    loaded.pop(FORMAT_KEY, None)
+    try:
+        extra = {} if meta is None else json.loads(str(meta))  # a plain MindSpore checkpoint has no metadata
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: corrupt metadata ({err})") from None
+    arrays = {}
+    for name, value in loaded.items():
+        if not isinstance(value, (Parameter, Tensor)):
+            raise CheckpointError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
+        arrays[name] = value.asnumpy()
+    return arrays, extra
+
+
+def load_checkpoint(params, path: PathLike, strict: bool = True) -> dict:
+    """Load a :func:`save_checkpoint` file into a Cell (or ``{name: Parameter}`` dict); returns ``extra``.
+
+    Every name and shape is checked before anything is set (``weights.set_parameters``): a parameter
+    missing from the file, a tensor of the wrong shape or (``strict``) a tensor the target does not have
+    raises ``CheckpointError`` naming it and the file."""
+    from recast_ms.models.weights import set_parameters
+
+    arrays, extra = read_checkpoint(path)
+    set_parameters(params, {k: (v, "") for k, v in arrays.items()}, str(path), strict=strict)
+    return extra

@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import numpy as np
 
 from recast_ms.config import RunConfig, check_compatible
-from recast_ms.data.batching import encode_prompts, encode_targets, pack
+from recast_ms.data.batching import EpochSampler, encode_prompts, encode_targets, pack
 from recast_ms.evaluation import eval_subset
-from recast_ms.signals import (BOUNDARY_ESTIMATORS, compute_signal, estimator_flags, score_responses,
-                               signal_diagnostics)
+from recast_ms.rewards import score_responses
+from recast_ms.signals import Selection, gather_rows, get_estimator, select, signal_diagnostics
 from recast_ms.trainer import checkpoint as ckpt
 from recast_ms.trainer import guard
 from recast_ms.trainer.setup import build_model, get_tokenizer, init_runtime, load_splits, quiet_stdout, response_len
@@ -62,20 +63,33 @@ def _rl_loss_cell(model, rcfg, response_len: int, on_policy: bool):
     return RLLoss()
 
 
-class _PromptSampler:
-    """Seeded epochs over the RL prompts. The prompts of step t are a pure function of (seed, t), so
-    every data-parallel rank resumes its own stream exactly without saving per-rank state."""
+@dataclass
+class ActorBatch:
+    """One step's actor batch and what produced it. ``B = 2P`` (boundary estimators) or ``P*G``; S = seq_length,
+    R = response length (L codes + EOS)."""
 
-    def __init__(self, n: int, per_step: int, seed: int):
-        if n < per_step:
-            raise ValueError(f"{n} RL prompts < rl.prompts_per_step={per_step}")
-        self.n, self.k, self.seed = n, per_step, seed
-        self.per_epoch = n // per_step  # the ragged tail of an epoch is skipped; the next one reshuffles
+    input_ids: np.ndarray  # [B, S] int32, prompt + response, right-padded
+    resp_start: np.ndarray  # [B] int32, where each row's response starts (its prompt length)
+    loss_mask: np.ndarray  # [B, R] float32, response tokens that carry loss (0 for non-live rows)
+    advantages: np.ndarray  # [B] float32
+    selection: Selection  # which rollout rows became actor rows (repaired / active groups, anchors)
+    rewards: np.ndarray  # [P, G] binary hits before repair
+    scores: np.ndarray  # [P, G] structural scores before repair
+    valid: np.ndarray  # [P, G] bool, the response names a catalogue SID
+    prompt_index: np.ndarray  # [P] rows of the RL prompt set drawn this step
+    rollout_ids: np.ndarray  # [P*G, R] the sampled (or beam) responses
 
-    def at(self, step: int) -> np.ndarray:
-        epoch, slot = divmod(step, self.per_epoch)
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        return perm[slot * self.k : (slot + 1) * self.k]
+    @property
+    def repaired(self) -> np.ndarray:  # [P]
+        return self.selection.repaired
+
+    @property
+    def active_mask(self) -> np.ndarray:  # [P]
+        return self.selection.active_mask
+
+    @property
+    def active_index(self) -> np.ndarray:  # [P, 2]
+        return self.selection.active_index
 
 
 class AdaptiveRepair:
@@ -108,11 +122,10 @@ class RLTrainer:
                  progress: bool = True, rank: int = 0, world_size: int = 1):
         import mindspore as ms
 
-        from recast_ms.evaluation import make_decoder
         from recast_ms.models.policy import ResponseLogProbs, freeze_copy
         from recast_ms.models.tokenizer import sid_token_map
+        from recast_ms.rollout.decoder import make_decoder
         from recast_ms.rollout.engine import SIDConstraint
-        from recast_ms.signals_ms import GatherActive, RecastSelect
         from recast_ms.trainer.optim import Optimizer
 
         self.cfg, self.rcfg, self.run_dir = cfg, cfg.rl, run_dir
@@ -127,7 +140,7 @@ class RLTrainer:
         self.tok = get_tokenizer(self.splits, tokenizer_dir, cfg)
         init_runtime(cfg, world_size)
         self.model = build_model(cfg, self.tok, seed=cfg.seed)
-        if init_checkpoint:
+        if init_checkpoint:  # weights only: the optimizer starts fresh
             tensors, _ = ckpt.load_state(init_checkpoint)
             ckpt.restore_model(self.model, tensors, path=init_checkpoint)
         with quiet_stdout():  # MindFormers print()s its config table on every model build
@@ -151,33 +164,27 @@ class RLTrainer:
 
         r = self.rcfg
         self.estimator = r.estimator
-        self.boundary = r.estimator in BOUNDARY_ESTIMATORS
-        self.flags = estimator_flags("recast" if r.estimator == "recast_adaptive" else r.estimator)
+        self.est = get_estimator(r.estimator)
         self.P, self.G = r.prompts_per_step, r.group_size
-        self.batch_rows = 2 * self.P if self.boundary else self.P * self.G
+        self.batch_rows = self.est.actor_rows(self.P, self.G)
         self.micro = min(r.micro_batch_size, self.batch_rows)
         self.num_micro = -(-self.batch_rows // self.micro)
-        if self.boundary:
-            self.select = RecastSelect(self.G, r.alpha, repair=self.flags["repair"], negative=self.flags["negative"])
-            self.gather = GatherActive(self.G)
+        self.select_cell = self.est.cell(self.G, r.alpha)  # graph-mode selection; None for whole-group estimators
         self.adaptive = AdaptiveRepair(r.adaptive_target, r.adaptive_floor, r.adaptive_momentum) \
-            if r.estimator == "recast_adaptive" else None
+            if self.est.adaptive else None
         self.on_policy = r.ppo_epochs == 1
         # one micro-batch per step (ReCast's [2P, T] at the default size): one fused graph, no gradient buffers
         self.opt = Optimizer(_rl_loss_cell(self.model, r, self.R, self.on_policy), self.model.trainable_params(),
                              lr=r.lr, weight_decay=r.weight_decay, grad_clip=r.grad_clip, name="rl",
                              world_size=world_size, fused=self.num_micro == 1)
-        self.sampler = _PromptSampler(len(rl_samples), self.P, cfg.seed + 1000 * rank)
+        if len(rl_samples) < self.P:
+            raise ValueError(f"{len(rl_samples)} RL prompts < rl.prompts_per_step={self.P}")
+        self.sampler = EpochSampler(len(rl_samples), self.P, cfg.seed + 1000 * rank)
         self.step_idx = 0
         self.timer = StageTimer()
         self._ms = ms
 
     # ------------------------------------------------------------------ state
-
-    def state_tensors(self) -> Dict[str, np.ndarray]:
-        t = ckpt.model_tensors(self.model)
-        t.update({"optim/" + k: v for k, v in self.opt.state_dict().items()})
-        return t
 
     def _rng(self, stream: int) -> np.random.Generator:
         """The RNG of one stream (rollout, adaptive repair) at the current step on this rank: a pure
@@ -192,18 +199,15 @@ class RLTrainer:
 
     def save(self):
         if self.rank == 0:
-            tensors = self.state_tensors()
-            guard.check_state("RL", self.step_idx, tensors, self.run_dir, self.init_checkpoint)  # never save a blown-up state
-            ckpt.save_state(self.run_dir, self.step_idx, tensors, self.state_meta())
+            ckpt.save_train_state(self.run_dir, self.step_idx, self.model, self.opt, self.state_meta(), what="RL",
+                                  init_checkpoint=self.init_checkpoint)
 
     def resume(self) -> bool:
         last = ckpt.latest_checkpoint(self.run_dir)
         if not last:
             return False
         ckpt.check_resume(self.run_dir, self.cfg, last, "rl")
-        tensors, meta = ckpt.load_state(last)
-        ckpt.restore_model(self.model, tensors, path=last)
-        self.opt.load_state_dict({k[len("optim/"):]: v for k, v in tensors.items() if k.startswith("optim/")})
+        meta = ckpt.load_train_state(last, self.model, self.opt)
         if meta.get("estimator") != self.estimator:
             raise ValueError(f"{last} was written by estimator {meta.get('estimator')!r}, this run is {self.estimator!r}")
         if self.adaptive is not None:
@@ -215,27 +219,26 @@ class RLTrainer:
     # ------------------------------------------------------------------ one step
 
     def _rewards(self, responses: np.ndarray, samples) -> (np.ndarray, np.ndarray, np.ndarray):
-        """Binary hits, structural scores and validity for ``[P*G, R]`` responses -> ``[P, G]``; responses
-        are parsed exactly as evaluation parses its beams (``SIDTokenMap.response_sid``)."""
+        """Binary hits, structural scores and validity for ``[P*G, R]`` responses -> ``[P, G]``
+        (``recast_ms.rewards``: the parser evaluation uses)."""
         P, G = len(samples), self.G
         targets = [samples[i].target_sids for i in range(P) for _ in range(G)]
         r, s, valid = score_responses(responses, targets, self.token_map, self.splits.codebook)
         return r.reshape(P, G), s.reshape(P, G), valid.reshape(P, G)
 
-    def make_batch(self) -> dict:
-        """Rollout, reward, signal and (for boundary estimators) the physical gather: the actor batch.
+    def make_batch(self) -> ActorBatch:
+        """Rollout, reward, selection and the physical gather: the actor batch, for every estimator alike.
 
-        Returns ``input_ids [B, S]``, ``resp_start [B]`` (where each row's response starts),
-        ``loss_mask [B, R]`` (over the response positions), ``advantages [B]`` with ``B = 2P`` (boundary
-        estimators) or ``P*G``, plus the ``[P, G]`` rewards/scores and signal outputs for metrics.
+        The estimator's :class:`Selection` names the actor rows (all ``P*G`` for GRPO / repair-only, the
+        ``2P`` boundary pair otherwise), their advantages and which carry loss; :func:`gather_rows` then
+        keeps only those rows (the anchor's tokens in repaired slots) BEFORE any actor work.
         """
-        ms = self._ms
         r, T = self.rcfg, self.timer
         P, G, S = self.P, self.G, self.cfg.seq_length
         pad = self.tok.pad_id
         idx = self.sampler.at(self.step_idx)
         samples = [self.rl_samples[i] for i in idx]
-        p_ids, p_lens = self.rl_prompts.ids[idx], self.rl_prompts.lens[idx]
+        p_ids, p_lens = self.rl_prompts.ids[idx], self.rl_prompts.lens[idx]  # [P, Tp], [P]
         anchors = self.rl_anchors[idx]  # [P, R] the ground truth rendered exactly as a response
         with T("rollout"):
             from recast_ms.rollout.engine import beam_groups, sample_groups
@@ -249,50 +252,27 @@ class RLTrainer:
                                    temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, max_rows=r.rollout_rows)
         with T("reward"):
             rewards, scores, valid = self._rewards(ro.response_ids, samples)  # [P, G]
-            resp_mask = ro.response_mask  # [P*G, R]
             repair_mask = np.ones(P, bool)
             if self.adaptive is not None:
                 repair_mask = self._rng(1).random(P) < self.adaptive.prob
         with T("signal"):
-            if self.boundary:
-                act_idx, pair_adv, act_mask, repaired = self.select(
-                    ms.Tensor(rewards, ms.float32), ms.Tensor(scores, ms.float32), ms.Tensor(repair_mask))[:4]
-                # the physical filter: only the active pair of each group survives, [P*G, R] -> [2P, R]
-                rows = self.gather(ms.Tensor(ro.response_ids.astype(np.int32)), ms.Tensor(anchors),
-                                   act_idx, repaired).asnumpy()
-                rmask = self.gather(ms.Tensor(resp_mask), ms.Tensor((anchors != pad).astype(np.float32)),
-                                    act_idx, repaired).asnumpy()
-                repaired, act_mask = repaired.asnumpy(), act_mask.asnumpy()
-                adv_rows = pair_adv.asnumpy().reshape(-1)  # [2P]
-                # skipped groups, and anchor_only's negative row (advantage 0), carry no loss at all
-                row_live = (np.repeat(act_mask, 2) & (adv_rows != 0)).astype(np.float32)
-                prompt_rows = np.repeat(np.arange(P), 2)
-                active_index = act_idx.asnumpy()
-            else:
-                sig = compute_signal(self.estimator, rewards, scores, alpha=r.alpha, eps=r.eps)
-                repaired, act_mask, active_index = sig.repaired, sig.active_mask, sig.active_index
-                rows = ro.response_ids.astype(np.int32).copy()
-                rmask = resp_mask.copy()
-                for p in np.nonzero(repaired)[0]:  # repair-only: the anchor takes the replaced slot
-                    j = p * G + sig.anchor_index[p]
-                    rows[j] = anchors[p]
-                    rmask[j] = anchors[p] != pad
-                adv_rows = sig.advantages.reshape(-1)  # [P*G]
-                row_live = np.ones(P * G, np.float32)
-                prompt_rows = np.repeat(np.arange(P), G)
-            input_ids, _ = pack(p_ids[prompt_rows], p_lens[prompt_rows], rows, rmask, S, pad)
-            loss_mask = rmask.astype(np.float32) * row_live[:, None]  # [B, R]
-        return {"input_ids": input_ids, "resp_start": p_lens[prompt_rows].astype(np.int32), "loss_mask": loss_mask,
-                "advantages": adv_rows.astype(np.float32),
-                "rewards": rewards, "scores": scores, "valid": valid, "repaired": repaired, "active_mask": act_mask,
-                "active_index": active_index, "prompt_index": idx, "rollout_ids": ro.response_ids}
+            sel = select(self.est, rewards, scores, alpha=r.alpha, eps=r.eps, repair_mask=repair_mask,
+                         cell=self.select_cell)
+            # the physical filter: only the selected rows survive, [P*G, R] -> [B, R]
+            rows = gather_rows(ro.response_ids.astype(np.int32), anchors, sel)
+            rmask = gather_rows(ro.response_mask, (anchors != pad).astype(np.float32), sel)
+            input_ids, _ = pack(p_ids[sel.prompt_index], p_lens[sel.prompt_index], rows, rmask, S, pad)
+            loss_mask = rmask.astype(np.float32) * sel.live.astype(np.float32)[:, None]  # [B, R]
+        return ActorBatch(input_ids=input_ids, resp_start=p_lens[sel.prompt_index].astype(np.int32),
+                          loss_mask=loss_mask, advantages=sel.advantages.astype(np.float32), selection=sel,
+                          rewards=rewards, scores=scores, valid=valid, prompt_index=idx, rollout_ids=ro.response_ids)
 
-    def update(self, batch: dict) -> Dict[str, float]:
+    def update(self, batch: ActorBatch) -> Dict[str, float]:
         """Old/ref log-probs and the actor update over micro-batches of a fixed shape."""
         ms = self._ms
         r, T, R = self.rcfg, self.timer, self.R
-        input_ids, resp_start = batch["input_ids"], batch["resp_start"]
-        loss_mask, adv_rows = batch["loss_mask"], batch["advantages"]
+        input_ids, resp_start = batch.input_ids, batch.resp_start
+        loss_mask, adv_rows = batch.loss_mask, batch.advantages
         B = len(input_ids)
         if B != self.batch_rows:
             raise RuntimeError(f"actor batch has {B} rows, the compiled shape is {self.batch_rows}")
@@ -339,17 +319,17 @@ class RLTrainer:
             batch = self.make_batch()
             upd = self.update(batch)
         self.step_idx += 1
-        rewards = batch["rewards"]
-        diag = signal_diagnostics(rewards, repaired=batch["repaired"] if self.flags["repair"] else np.zeros(P, bool))
+        rewards = batch.rewards
+        diag = signal_diagnostics(rewards, repaired=batch.repaired if self.est.repair else np.zeros(P, bool))
         if self.adaptive is not None:
             self.adaptive.update(diag["signals/naturally_trainable_ratio"])
         m = {
             "reward/mean": float(rewards.mean()),
             "reward/group_hit_rate": float((rewards.sum(1) > 0).mean()),
-            "reward/struct_score_mean": float(batch["scores"].mean()),
-            "rollout/valid_ratio": float(batch["valid"].mean()),
+            "reward/struct_score_mean": float(batch.scores.mean()),
+            "rollout/valid_ratio": float(batch.valid.mean()),
             **diag,
-            "signals/active_group_ratio": float(np.mean(batch["active_mask"])),
+            "signals/active_group_ratio": float(np.mean(batch.active_mask)),
             **upd,
             "perf/peak_rss_mb": peak_rss_mb(),
             **T.pop(),

@@ -151,5 +151,7 @@ def build_model(cfg: RunConfig, tokenizer, seed: int):
 
 
 def response_len(splits: Splits) -> int:
-    """L code tokens + EOS."""
-    return splits.codebook.num_levels + 1
+    """L code tokens + EOS (``recast_ms.rewards.response_length``: one slice length everywhere)."""
+    from recast_ms.rewards import response_length
+
+    return response_length(splits.codebook)

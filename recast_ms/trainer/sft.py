@@ -3,8 +3,8 @@
 Static shapes: every batch is ``[batch_size, seq_length]`` (one length bucket: prompts drop their
 oldest history items to fit ``seq_length - (L + 1)`` tokens), so the train step compiles once and
 the validation forward once. AdamW with linear warm-up and cosine decay. A checkpoint (weights,
-optimizer moments, step, epoch permutation and position, RNG) every ``save_every`` steps; a killed
-run resumes from the newest one and loses at most ``save_every`` steps.
+optimizer moments, step; the batch order is a pure function of (seed, step)) every ``save_every`` steps; a
+killed run resumes from the newest one and loses at most ``save_every`` steps.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from recast_ms.config import RunConfig
-from recast_ms.data.batching import encode_prompts, encode_targets, pack
+from recast_ms.data.batching import EpochSampler, encode_prompts, encode_targets, pack
 from recast_ms.trainer import checkpoint as ckpt
 from recast_ms.trainer import guard
 from recast_ms.trainer.optim import Optimizer, cosine_lr
@@ -56,32 +56,6 @@ def encode_split(samples, splits, tok, cfg: RunConfig):
     return ids, prompts.lens.astype(np.int32), mask
 
 
-class _Batches:
-    """Seeded epoch permutations; ``state()`` / ``load()`` make the data order resumable exactly."""
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.bs = n, batch_size
-        self.rng = np.random.default_rng(seed)
-        self.epoch, self.pos = 0, 0
-        self.perm = self.rng.permutation(n)
-
-    def next(self) -> np.ndarray:
-        if self.pos + self.bs > self.n:  # drop the ragged tail of an epoch; the next epoch reshuffles
-            self.epoch += 1
-            self.pos = 0
-            self.perm = self.rng.permutation(self.n)
-        idx = self.perm[self.pos : self.pos + self.bs]
-        self.pos += self.bs
-        return idx
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "perm": self.perm.tolist(), "rng": ckpt.rng_state(self.rng)}
-
-    def load(self, st: dict):
-        self.epoch, self.pos, self.perm = st["epoch"], st["pos"], np.array(st["perm"])
-        ckpt.set_rng_state(self.rng, st["rng"])
-
-
 def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool = True,
             stop_after: Optional[int] = None) -> Dict[str, float]:
     """Train; returns the last logged metrics. ``stop_after`` ends early after that many steps in this
@@ -112,14 +86,11 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
     # one micro-batch per step: forward, backward and AdamW in one graph, no gradient buffers
     opt = Optimizer(_sft_loss_cell(model, R), model.trainable_params(), lr=s.lr, weight_decay=s.weight_decay,
                     grad_clip=s.grad_clip, name="sft", fused=True)
-    batches = _Batches(len(train_ids), s.batch_size, cfg.seed)
+    # the batch of step t is a pure function of (seed, t): a resume needs the step alone
+    batches = EpochSampler(len(train_ids), s.batch_size, cfg.seed, chained=True)
     step = 0
     if last:
-        tensors, meta = ckpt.load_state(last)
-        ckpt.restore_model(model, tensors, path=last)
-        opt.load_state_dict({k[len("optim/"):]: v for k, v in tensors.items() if k.startswith("optim/")})
-        batches.load(meta["batches"])
-        step = meta["step"]
+        step = ckpt.load_train_state(last, model, opt)["step"]
         logger.info("resumed SFT from %s (step %d)", last, step)
     ckpt.claim_run_dir(run_dir, cfg, resumed=bool(last))  # a new run clears the old checkpoints first
     if not last:
@@ -131,10 +102,7 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
     timer = StageTimer()
 
     def save(at_step):
-        tensors = ckpt.model_tensors(model)
-        tensors.update({"optim/" + k: v for k, v in opt.state_dict().items()})
-        guard.check_state("SFT", at_step, tensors, run_dir)  # never write a blown-up state
-        ckpt.save_state(run_dir, at_step, tensors, {"batches": batches.state(), "phase": "sft"})
+        ckpt.save_train_state(run_dir, at_step, model, opt, {"phase": "sft"}, what="SFT")
 
     def val_loss() -> float:
         tot, cnt = 0.0, 0.0
@@ -158,7 +126,7 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
     grad_norms = []
     while step < s.steps:
         lr = cosine_lr(step, s.steps, s.lr, s.warmup_steps, s.min_lr_ratio)
-        idx = batches.next()
+        idx = batches.at(step)
         with timer("step"):
             outs, grad_norm = opt.train_step(
                 [(ms.Tensor(train_ids[idx]), ms.Tensor(train_start[idx]), ms.Tensor(train_mask[idx]))], lr)
@@ -172,7 +140,7 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
         if step % s.log_every == 0 or step == s.steps:
             since = step - last_log
             last_log = step
-            metrics = {"sft/loss": loss, "sft/lr": lr, "sft/grad_norm": grad_norm, "sft/epoch": batches.epoch,
+            metrics = {"sft/loss": loss, "sft/lr": lr, "sft/grad_norm": grad_norm, "sft/epoch": batches.epoch_of(step - 1),
                        "perf/peak_rss_mb": peak_rss_mb(),
                        # seconds per step over the interval; memory_mb/* as measured
                        **{k: v / since if k.startswith("timing_s/") else v for k, v in timer.pop().items()}}
