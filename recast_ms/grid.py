@@ -67,7 +67,10 @@ PRESETS = {
 DECISIVE_EVAL_STEPS = (0, 10, 20, 40, 80, 160)
 DECISIVE_EVAL_SEED = 14  # data.eval_subset_seed: the 2,000 test prompts every arm is evaluated on
 PRESETS["decisive"] = {
-    "sft": {"tiny@industrial": {"config": "model_configs/runs/sft_industrial.yaml", "overrides": ["sft.steps=1000"]}},
+    # PLAN.md amendment (2026-12-02): the policy is run B's step-800 checkpoint (this recipe, stopped at step 800),
+    # committed in docs/experiments/decisive/sft_industrial and passed with --sft
+    "sft": {"tiny@industrial": {"config": "model_configs/runs/sft_industrial.yaml",
+                                "overrides": ["sft.weight_decay=0.1"]}},
     "rl": ["rl.steps=160", "rl.prompts_per_step=16", "rl.eval_steps=[" + ",".join(map(str, DECISIVE_EVAL_STEPS)) + "]",
            "rl.save_every=10", "rl.micro_batch_size=128", "rl.kl_coef=0.001", "rl.temperature=1.0",
            "data.max_eval_prompts=2000", f"data.eval_subset_seed={DECISIVE_EVAL_SEED}", "eval.beam_width=32",
