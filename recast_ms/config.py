@@ -286,6 +286,7 @@ def _coerce(value, typ, key: str):
 # keys older runs' stored config.yaml files hold that nothing reads any more: accepted and dropped (with a
 # log line) so a committed run directory stays readable; an unknown key anywhere else is still an error
 REMOVED_KEYS = {"output_dir": "the run directory is --run-dir / --out"}
+_REMOVED_SEEN: set = set()
 
 
 def config_help() -> str:
@@ -317,7 +318,8 @@ def from_dict(cls, d: Optional[Dict[str, Any]], prefix: str = ""):
     if not isinstance(d, dict):
         raise ValueError(f"{prefix or 'config'}: expected a mapping, got {type(d).__name__}")
     if not prefix:
-        for key in REMOVED_KEYS.keys() & d.keys():
+        for key in REMOVED_KEYS.keys() & d.keys() - _REMOVED_SEEN:  # said once per process
+            _REMOVED_SEEN.add(key)
             logger.info("config key %r is no longer used (%s); ignored", key, REMOVED_KEYS[key])
         d = {k: v for k, v in d.items() if k not in REMOVED_KEYS}
     hints = get_type_hints(cls)
