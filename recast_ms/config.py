@@ -80,6 +80,9 @@ class SFTConfig:
     eval_every: int = _f(100, "steps between validation-loss evaluations")
     save_every: int = _f(50, "steps between checkpoints (a kill loses at most this many)")
     log_every: int = _f(10, "steps between metric lines")
+    dropout: float = _f(0.0, "hidden-state dropout in the SFT training step only (MindFormers' hidden_dropout; on CPU "
+                             "ops.Dropout); validation loss, evaluation and RL run without it. With dropout a resumed "
+                             "run is not bit-identical to an uninterrupted one (the dropout RNG is not saved)")
 
     def __post_init__(self):
         _require(self.steps >= 1, "sft.steps must be >= 1")
@@ -88,6 +91,7 @@ class SFTConfig:
         _require(0 <= self.min_lr_ratio <= 1, "sft.min_lr_ratio must be in [0, 1]")
         _require(0 <= self.warmup_steps < self.steps or self.steps == 1, "sft.warmup_steps must be < sft.steps")
         _require(self.save_every >= 1 and self.eval_every >= 1 and self.log_every >= 1, "sft.*_every must be >= 1")
+        _require(0.0 <= self.dropout < 1.0, f"sft.dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass

@@ -288,19 +288,29 @@ def _replacements() -> dict:
     CpuMLP = _cpu_mlp(MLP, interleaved=False)
     CpuMLPInterleaved = _cpu_mlp(MLPInterleaved, interleaved=True)
 
-    # Patch 4 (Dropout): DropoutExt has no CPU kernel, and HF Qwen3 trains without dropout. The replacement
-    # is the identity and refuses a non-zero probability instead of failing later inside the compiled graph.
-    class CpuNoDropout(nn.Cell):
-        """Identity; only drop_prob == 0 is accepted."""
+    # Patch 4 (Dropout): DropoutExt has no CPU kernel; ops.Dropout has one. MindFormers' Dropout is live in
+    # train mode, but its model runs in eval mode here (in train mode it returns the LM loss, models/policy.py),
+    # so the replacement has its own switch, ``active``, off by default: SFT turns it on for its training graph
+    # only (policy.set_dropout); evaluation, validation loss, RL and the KV decoder never see dropout. A compiled
+    # graph keeps the value its cell saw when it was compiled.
+    class CpuDropout(nn.Cell):
+        """Dropout through ``ops.Dropout`` (CPU kernel), live only while ``active`` (default off)."""
+
+        cpu_dropout = True
 
         def __init__(self, drop_prob: float = 0.5):
             super().__init__()
-            if drop_prob:
-                raise ValueError(f"dropout {drop_prob}: DropoutExt has no CPU kernel (HF Qwen3 uses none); set "
-                                 "hidden_dropout=0.0 and attention_dropout=0.0.")
-            self.p = 0.0
+            if not 0.0 <= drop_prob < 1.0:
+                raise ValueError(f"dropout probability must be in [0, 1), got {drop_prob}")
+            self.p = float(drop_prob)
+            self.use_dropout = self.p > 0
+            self.active = False
+            self.dropout = ops.Dropout(keep_prob=1.0 - self.p) if self.use_dropout else None
 
         def construct(self, x):
+            if self.use_dropout and self.active:
+                out, _ = self.dropout(x)
+                return out
             return x
 
         def shard(self, strategy):  # MindFormers' sharding API; nothing to shard on CPU
@@ -329,7 +339,7 @@ def _replacements() -> dict:
         "self_attention_contiguous": CpuSelfAttentionContiguous,
         "mlp": CpuMLP,
         "mlp_interleaved": CpuMLPInterleaved,
-        "dropout_layer": CpuNoDropout,
-        "dropout_embedding": CpuNoDropout,
+        "dropout_layer": CpuDropout,
+        "dropout_embedding": CpuDropout,
         "embedding": CpuVocabParallelEmbedding,
     }

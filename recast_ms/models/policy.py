@@ -17,6 +17,18 @@ def _eval_only(model):
     return model
 
 
+def set_dropout(model, active: bool) -> int:
+    """Switch the CPU dropout cells of ``model`` (``cpu_compat.CpuDropout``) on or off; returns how many carry a
+    non-zero probability. Set it before a graph's first call: a compiled graph keeps the value it was compiled
+    with (SFT: on for its training step, off for its validation loss)."""
+    count = 0
+    for _, cell in model.cells_and_names():
+        if getattr(cell, "cpu_dropout", False):
+            cell.active = bool(active)
+            count += int(cell.use_dropout)
+    return count
+
+
 class _OverModel(nn.Cell):
     """A cell over a MindFormers model that keeps the model in eval mode whatever its parents set."""
 

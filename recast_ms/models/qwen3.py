@@ -9,7 +9,7 @@ right-padded with a dedicated ``pad_token_id`` (never an EOS id). MindFormers bu
 ``seq_length`` and masks every key equal to ``pad_token_id``; positions are absolute, so padding goes right.
 
 On CPU the model is built in fp32 with the CPU patches of :mod:`recast_ms.models.cpu_compat` applied; settings
-that have no CPU implementation (bf16 compute, flash attention, dropout, model/pipeline parallelism,
+that have no CPU implementation (bf16 compute, flash attention, attention dropout, model/pipeline parallelism,
 recompute) are overridden and logged.
 
 Set ``MS_DEV_HOST_BLOCKING_RUN=1`` before MindSpore starts its runtime (the commands do, through
@@ -45,8 +45,7 @@ CPU_MODEL_OVERRIDES = {
     "softmax_compute_dtype": "float32",
     "rotary_dtype": "float32",
     "use_flash_attention": False,
-    "hidden_dropout": 0.0,
-    "attention_dropout": 0.0,
+    "attention_dropout": 0.0,  # the CPU core attention has none; hidden_dropout is kept (cpu_compat.CpuDropout)
     "offset": 0,
 }
 CPU_PARALLEL_OVERRIDES = {"model_parallel": 1, "pipeline_stage": 1, "context_parallel": 1, "use_seq_parallel": False,

@@ -123,9 +123,11 @@ def quiet_stdout():
     return contextlib.redirect_stdout(io.StringIO())
 
 
-def build_model(cfg: RunConfig, tokenizer, seed: int):
+def build_model(cfg: RunConfig, tokenizer, seed: int, dropout: float = 0.0):
     """The actor: MindFormers Qwen3 from ``cfg.model_config`` (random init), or from the HF checkpoint
-    ``cfg.hf_checkpoint`` with its vocabulary grown to the tokenizer's (new rows: mean + noise)."""
+    ``cfg.hf_checkpoint`` with its vocabulary grown to the tokenizer's (new rows: mean + noise). ``dropout``
+    (SFT only) builds its dropout cells with that probability, off until ``policy.set_dropout`` turns them on."""
+    extra = {"hidden_dropout": float(dropout)} if dropout else {}
     from recast_ms.models.qwen3 import build_qwen3
 
     vocab = cfg.vocab_size or tokenizer.vocab_size
@@ -140,14 +142,14 @@ def build_model(cfg: RunConfig, tokenizer, seed: int):
         with quiet_stdout():
             return load_hf_qwen3(cfg.hf_checkpoint, seq_length=cfg.seq_length, vocab_size=vocab,
                                  pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id,
-                                 new_token_ids=range(base, vocab), init_seed=seed)
+                                 new_token_ids=range(base, vocab), init_seed=seed, **extra)
     plan = _PLAN
     layout = {}
     if plan is not None and plan.device_target != "CPU":  # Ascend: the plan's layout and recompute
         layout = {"parallel_config": plan.parallel_config, "recompute_config": plan.recompute_config}
     with quiet_stdout():
         return build_qwen3(cfg.model_config_path, vocab_size=vocab, seq_length=cfg.seq_length,
-                           pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id, seed=seed, **layout)
+                           pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id, seed=seed, **layout, **extra)
 
 
 def response_len(splits: Splits) -> int:

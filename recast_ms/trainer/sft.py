@@ -63,7 +63,7 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
     import mindspore as ms
     from tqdm import tqdm
 
-    from recast_ms.models.policy import ResponseLogProbs
+    from recast_ms.models.policy import ResponseLogProbs, set_dropout
 
     ckpt.check_run_dir(run_dir)
     last = ckpt.latest_checkpoint(run_dir) if resume else None
@@ -77,7 +77,7 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
     # the tokenizer belongs to the run: reused on resume, made anew (and saved with config.yaml) otherwise
     tok = get_tokenizer(splits, tok_dir, cfg, reuse=bool(last), save=False)
     init_runtime(cfg)
-    model = build_model(cfg, tok, seed=cfg.seed)
+    model = build_model(cfg, tok, seed=cfg.seed, dropout=s.dropout)
     train_ids, train_start, train_mask = encode_split(splits.train, splits, tok, cfg)
     n_val = min(len(splits.valid), 4 * s.batch_size)
     val_ids, val_start, val_mask = encode_split(splits.valid[:n_val], splits, tok, cfg)
@@ -105,6 +105,7 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
         ckpt.save_train_state(run_dir, at_step, model, opt, {"phase": "sft"}, what="SFT")
 
     def val_loss() -> float:
+        set_dropout(model, False)  # the validation graph compiles (and so stays) without dropout
         tot, cnt = 0.0, 0.0
         for i in range(0, n_val, s.batch_size):
             sl = slice(i, i + s.batch_size)
@@ -127,6 +128,7 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
     while step < s.steps:
         lr = cosine_lr(step, s.steps, s.lr, s.warmup_steps, s.min_lr_ratio)
         idx = batches.at(step)
+        set_dropout(model, True)  # the training step's graph compiles with dropout (a no-op at sft.dropout=0)
         with timer("step"):
             outs, grad_norm = opt.train_step(
                 [(ms.Tensor(train_ids[idx]), ms.Tensor(train_start[idx]), ms.Tensor(train_mask[idx]))], lr)
