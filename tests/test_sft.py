@@ -75,3 +75,21 @@ def test_sft_dropout_lives_in_the_training_graph_only(tmp_path):
     rows = [json.loads(l) for l in open(os.path.join(run, "sft_metrics.jsonl"))]
     assert np.isfinite([r["sft/loss"] for r in rows]).all()
     assert rows[-1]["sft/val_loss"] < rows[3]["sft/val_loss"] < np.log(100)
+
+
+def test_eval_command_scores_an_sft_run(tmp_path):
+    """recast-eval (recast_ms.commands.evaluate) on a finished SFT run: a table and a JSON with every K."""
+    import subprocess
+    import sys
+
+    run = str(tmp_path / "sft")
+    run_sft(_cfg(), run, progress=False)
+    out = str(tmp_path / "eval.json")
+    r = subprocess.run([sys.executable, "-m", "recast_ms.commands.evaluate", "--run-dir", run, "--split", "valid",
+                        "--max-prompts", "6", "--out", out, "eval.beam_width=4", "eval.ks=[1,4]", "eval.batch_size=4"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.load(open(out))
+    assert res["num_prompts"] == 6 and res["step"] == 8 and res["split"] == "valid"
+    assert 0.0 <= res["model"]["model/pass@1"] <= res["model"]["model/pass@4"] <= 1.0
+    assert "| model |" in r.stdout

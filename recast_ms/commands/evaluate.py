@@ -31,7 +31,8 @@ def main():
         p.error(f"--run-dir {args.run_dir} is not a run directory (no config.yaml)")
     setup_logging()
     from recast_ms.config import load_config
-    from recast_ms.evaluation import eval_subset, evaluate, format_table, make_decoder, popularity_baseline, write_json
+    from recast_ms.evaluation import eval_subset, evaluate, format_table, popularity_baseline, write_json
+    from recast_ms.rollout.decoder import make_decoder
     from recast_ms.trainer import checkpoint as ckpt
     from recast_ms.trainer.setup import build_model, get_tokenizer, init_runtime, load_splits, response_len
 
