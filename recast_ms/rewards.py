@@ -97,27 +97,13 @@ def response_sids(responses, token_map) -> Tuple[np.ndarray, np.ndarray]:
     if ids.shape[1] < L:
         return np.full((n, L), -1, np.int64), np.zeros(n, bool)
     head = ids[:, :L].astype(np.int64)  # [N, L]
-    table_level, table_code = _code_tables(token_map)
+    table_level, table_code = token_map.level_of_id, token_map.code_of_id
     inside = (head >= 0) & (head < table_level.shape[0])
     safe = np.where(inside, head, 0)
     level = np.where(inside, table_level[safe], -1)  # [N, L] level of each token, -1 if not a code token
     code = np.where(inside, table_code[safe], -1)
     parsed = (level == np.arange(L)[None, :]).all(axis=1)  # [N]
     return np.where(parsed[:, None], code, -1), parsed
-
-
-def _code_tables(token_map) -> Tuple[np.ndarray, np.ndarray]:
-    """``level_of[id]`` / ``code_of[id]`` lookup arrays over ids ``0..max code id`` (-1 for other ids)."""
-    cached = getattr(token_map, "_recast_code_tables", None)
-    if cached is not None:
-        return cached
-    size = int(token_map.code_to_id.max()) + 1
-    level_of = np.full(size, -1, np.int64)
-    code_of = np.full(size, -1, np.int64)
-    for tid, (level, code) in token_map.id_to_level_code.items():
-        level_of[tid], code_of[tid] = level, code
-    token_map._recast_code_tables = (level_of, code_of)  # pylint: disable=protected-access
-    return level_of, code_of
 
 
 def response_sid(row, token_map) -> Optional[SID]:

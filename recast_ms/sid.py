@@ -219,6 +219,12 @@ class SIDTokenMap:
         self.id_to_level_code: Dict[int, Tuple[int, int]] = {
             int(self.code_to_id[l, c]): (l, c) for l in range(fmt.num_levels) for c in range(codebook_size)
         }
+        # dense inverses of code_to_id over ids 0..max code id (-1 elsewhere): vectorised parsing of [N, R] ids
+        size = int(self.code_to_id.max()) + 1
+        self.level_of_id = np.full(size, -1, dtype=np.int64)
+        self.code_of_id = np.full(size, -1, dtype=np.int64)
+        for tid, (level, code) in self.id_to_level_code.items():
+            self.level_of_id[tid], self.code_of_id[tid] = level, code
 
     def sid_to_ids(self, sid: Sequence[int]) -> List[int]:
         return [int(self.code_to_id[level, code]) for level, code in enumerate(sid)]

@@ -173,3 +173,30 @@ def test_trie_allowed_matches_brute_force(levels, size, n):
         PrefixTrie([])
     with pytest.raises(ValueError):
         PrefixTrie([(1, 2), (1, 2, 3)])
+
+
+@pytest.mark.parametrize("name", ["minionerec", "4-level"])
+def test_vectorised_response_parser_matches_the_row_definition(name):
+    """``rewards.response_sids`` (dense id tables on SIDTokenMap) == "the first L tokens are the codes of
+    levels 0..L-1", checked row by row on fuzzed ids: valid SIDs, wrong levels, shifts, out-of-vocab ids."""
+    from recast_ms.rewards import response_sids
+
+    fmt = FORMATS[name]
+    L, size = fmt.num_levels, 6
+    cb = SIDCodebook({i: tuple(random.Random(i).randrange(size) for _ in range(L)) for i in range(20)},
+                     codebook_size=size, fmt=fmt)
+    vocab = {t: i + 7 for i, t in enumerate(cb.code_tokens())}  # ids 0..6 are other tokens
+    tmap = SIDTokenMap(fmt, size, vocab)
+    top = 7 + L * size
+    rng = np.random.default_rng(0)
+    rows = rng.integers(-3, top + 5, size=(400, L + 2))
+    for n in range(0, 400, 3):  # every third row starts with a well-formed SID
+        rows[n, :L] = tmap.sid_to_ids(tuple(rng.integers(0, size, L)))
+    codes, parsed = response_sids(rows, tmap)
+    for row, c, p in zip(rows, codes, parsed):
+        want = [tmap.id_to_level_code.get(int(t)) for t in row[:L]]
+        ok = all(w is not None and w[0] == lvl for lvl, w in enumerate(want))
+        assert bool(p) == ok
+        assert c.tolist() == ([w[1] for w in want] if ok else [-1] * L)
+    assert 130 <= parsed.sum() < 400  # the fuzz exercised both outcomes
+    assert response_sids(rows[:, : L - 1], tmap)[1].sum() == 0  # too short: nothing parses

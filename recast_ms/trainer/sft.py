@@ -118,6 +118,7 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
             lp = logps_fn(ms.Tensor(ids), ms.Tensor(start)).asnumpy()
             tot += float(-(lp * mask).sum())
             cnt += float(mask.sum())
+        set_dropout(model, True)  # back to the training step's graph (compiled with dropout; a no-op at 0)
         return tot / max(cnt, 1.0)
 
     metrics: Dict[str, float] = {}
@@ -125,10 +126,10 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
     done_here = 0
     last_log = step
     grad_norms = []
+    set_dropout(model, True)  # the training step's graph compiles with dropout (a no-op at sft.dropout=0)
     while step < s.steps:
         lr = cosine_lr(step, s.steps, s.lr, s.warmup_steps, s.min_lr_ratio)
         idx = batches.at(step)
-        set_dropout(model, True)  # the training step's graph compiles with dropout (a no-op at sft.dropout=0)
         with timer("step"):
             outs, grad_norm = opt.train_step(
                 [(ms.Tensor(train_ids[idx]), ms.Tensor(train_start[idx]), ms.Tensor(train_mask[idx]))], lr)
