@@ -322,13 +322,19 @@ def report_markdown(res: dict, fig_names: Sequence[str] = (), sft_dirs: Optional
 
 
 def decisive_report(cells: Dict[str, dict], out_dir: str, preset: Optional[dict] = None,
-                    sft_dirs: Optional[Dict[str, str]] = None, sft_full_eval: Optional[str] = None) -> str:
+                    sft_dirs: Optional[Dict[str, str]] = None, sft_full_eval: Optional[str] = None,
+                    planned: Optional[int] = None) -> str:
     """Writes ``verdict.json``, ``results.json``, ``report.md`` (the report section) and
     ``figures/decisive_*.png`` into ``out_dir``; returns the markdown.
 
     ``sft_full_eval``: the JSON ``scripts/evaluate.py --out`` wrote for the SFT checkpoint on the full test
     split (default ``<out_dir>/sft_full_test_eval.json``); its ``model/pass@10`` becomes
-    ``sft_industrial_pass_at_10`` (None when the file is absent)."""
+    ``sft_industrial_pass_at_10`` (None when the file is absent).
+
+    ``planned``: how many cells the preset has. With fewer finished, the grid is not complete and nothing
+    it writes may read as a verdict (PLAN.md: verdicts once all cells have finished): the figures and an
+    ``INTERIM`` ``report.md`` / ``interim.json`` are written, and a stale ``verdict.json`` is removed."""
+    complete = planned is None or len(cells) >= planned
     arms: Dict[str, Dict[int, List[dict]]] = defaultdict(dict)
     for c in cells.values():
         arms[c.get("arm", c["estimator"])][c["seed"]] = read_jsonl(os.path.join(c["run_dir"], "metrics.jsonl"))
@@ -350,8 +356,19 @@ def decisive_report(cells: Dict[str, dict], out_dir: str, preset: Optional[dict]
                     "absolute_threshold", "sft_pass_at_1", "sft_binomial_se", "grpo_final_pass_at_1",
                     "recast_final_pass_at_1", "convergence_first_step", "matched_budget_ratio", "sft_full_eval_prompts"]
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "verdict.json"), "w") as f:
+    if not complete:
+        md = (f"> **INTERIM: {len(cells)} of {planned} cells finished. Not a verdict**: the verdict lines below are "
+              "what the rules say of the cells finished so far; the pre-registered verdicts are read only once "
+              "every cell has finished (`verdict.json` is written then).\n\n") + md
+        stale = os.path.join(out_dir, "verdict.json")
+        if os.path.exists(stale):
+            os.remove(stale)
+    res["complete"], res["cells_finished"], res["cells_planned"] = complete, len(cells), planned
+    verdict_keys += ["complete", "cells_finished", "cells_planned"]
+    with open(os.path.join(out_dir, "verdict.json" if complete else "interim.json"), "w") as f:
         json.dump({k: res[k] for k in verdict_keys}, f, indent=1)
+    if complete and os.path.exists(os.path.join(out_dir, "interim.json")):
+        os.remove(os.path.join(out_dir, "interim.json"))
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"analysis": res, "cells": {n: {k: v for k, v in c.items() if k != "rows"} for n, c in cells.items()},
                    "figures": figs}, f, indent=1)

@@ -127,6 +127,27 @@ def test_decisive_report_writes_verdict_json_and_figures(tmp_path):
     assert "seed 0: 0.250" in md and "| recast+beam - grpo+beam | pass@1 | 0,1,2 | -0.0020 |" in md
     for f in ("decisive_eval_curves.png", "decisive_training.png"):
         assert (tmp_path / "figures" / f).stat().st_size > 0
+    assert v["complete"] is True and "INTERIM" not in md
+
+
+def test_unfinished_grid_writes_an_interim_report_not_a_verdict(tmp_path):
+    cells = {}
+    for arm, by_seed in _arms().items():
+        for seed, rows in by_seed.items():
+            d = tmp_path / "cells" / f"{arm}_{seed}"
+            d.mkdir(parents=True)
+            (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+            cells[f"{arm}_{seed}"] = {"estimator": arm.split("+")[0], "arm": arm, "seed": seed, "run_dir": str(d)}
+    decisive_report(cells, str(tmp_path), planned=len(cells))  # complete: a verdict
+    assert (tmp_path / "verdict.json").exists()
+    partial = dict(list(cells.items())[:-1])
+    md = decisive_report(partial, str(tmp_path), planned=len(cells))
+    assert md.startswith(f"> **INTERIM: {len(partial)} of {len(cells)} cells finished. Not a verdict**")
+    assert not (tmp_path / "verdict.json").exists()  # the earlier verdict of other cells must not linger
+    interim = json.loads((tmp_path / "interim.json").read_text())
+    assert interim["complete"] is False and interim["cells_finished"] == len(cells) - 1
+    decisive_report(cells, str(tmp_path), planned=len(cells))
+    assert (tmp_path / "verdict.json").exists() and not (tmp_path / "interim.json").exists()
 
 
 def test_decisive_preset_plan():

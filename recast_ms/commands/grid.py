@@ -135,7 +135,7 @@ def main():
         if preset.get("report") == "decisive":  # the pre-registered analysis: verdict.json + its report section
             from recast_ms.decisive import decisive_report
 
-            report = decisive_report(finished, out, preset, sft_dirs)
+            report = decisive_report(finished, out, preset, sft_dirs, planned=len(cells))
         else:
             report = grid_report(finished, out, preset, sft_dirs)
         print(report)
