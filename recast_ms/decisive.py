@@ -206,6 +206,13 @@ def analyse(arms: Dict[str, Dict[int, List[dict]]], sft_pass_at_10_full: Optiona
     return _clean(out)
 
 
+def _shown_path(path: str) -> str:
+    """A path as the committed report shows it: relative to the working directory when inside it (the runner
+    makes every path absolute; a machine-specific prefix means nothing to a reader of the repository)."""
+    rel = os.path.relpath(path) if os.path.isabs(path) else path
+    return path if rel.startswith("..") else rel
+
+
 def _fmt(x, f="{:+.4f}") -> str:
     return "-" if x is None else f.format(x)
 
@@ -251,11 +258,18 @@ def _figures(arms: Dict[str, Dict[int, List[dict]]], res: dict, fig_dir: str) ->
             st = sorted(set.intersection(*(set(p) for p in per)))
             if not st:
                 continue
-            vals = np.array([[p[s] for s in st] for p in per])
-            line, = ax.plot(st, vals.mean(0), lw=1, label=a)
-            ax.fill_between(st, vals.mean(0) - vals.std(0), vals.mean(0) + vals.std(0), color=line.get_color(),
-                            alpha=0.15)
-        ax.set_title(title)
+            vals = np.array([[p[s] for s in st] for p in per])  # [seeds, steps]
+            # per-step values are one rollout's worth (16 prompts): a trailing 10-step mean shows the trend
+            w = min(10, len(st))
+            kernel = np.ones(w) / w
+            smooth = np.array([np.convolve(v, kernel, mode="valid") for v in vals])
+            xs = st[w - 1:]
+            lo, mid, hi = smooth.min(0), smooth.mean(0), smooth.max(0)
+            line, = ax.plot(xs, mid, lw=1.2, label=f"{a} (n={len(per)})")
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
+        if key == "actor/kl":  # one seed's spike would flatten every other curve on a linear axis
+            ax.set_yscale("log")
+        ax.set_title(f"{title} ({w}-step mean; band = seed range)" if st else title, fontsize=9)
         ax.set_xlabel("RL step")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -273,7 +287,7 @@ def report_markdown(res: dict, fig_names: Sequence[str] = (), sft_dirs: Optional
           f"the same seeded random {v['eval_prompts']} test prompts for every arm. Every number below is read from "
           "the cells' own `metrics.jsonl`.", ""]
     if sft_dirs:
-        md += ["SFT checkpoint: " + "; ".join(f"`{k}` = `{d}`" for k, d in sft_dirs.items()), ""]
+        md += ["SFT checkpoint: " + "; ".join(f"`{k}` = `{_shown_path(d)}`" for k, d in sft_dirs.items()), ""]
     md += [f"**Valid: {'yes' if v['valid'] else 'NO'}** - GRPO's final Pass@1 {v['grpo_final_pass_at_1']:.4f} vs "
            f"SFT's {v['sft_pass_at_1']:.4f}: {v['grpo_minus_sft']:+.4f}, needed > 2 x SE = "
            f"{2 * v['sft_binomial_se']:.4f} (SE = sqrt(p(1-p)/n) at SFT's Pass@1, n = {v['eval_prompts']}).", "",
