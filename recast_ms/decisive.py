@@ -374,15 +374,13 @@ def decisive_report(cells: Dict[str, dict], out_dir: str, preset: Optional[dict]
         md = (f"> **INTERIM: {len(cells)} of {planned} cells finished. Not a verdict**: the verdict lines below are "
               "what the rules say of the cells finished so far; the pre-registered verdicts are read only once "
               "every cell has finished (`verdict.json` is written then).\n\n") + md
-        stale = os.path.join(out_dir, "verdict.json")
-        if os.path.exists(stale):
-            os.remove(stale)
     res["complete"], res["cells_finished"], res["cells_planned"] = complete, len(cells), planned
     verdict_keys += ["complete", "cells_finished", "cells_planned"]
-    with open(os.path.join(out_dir, "verdict.json" if complete else "interim.json"), "w") as f:
+    name, other = ("verdict.json", "interim.json") if complete else ("interim.json", "verdict.json")
+    if os.path.exists(os.path.join(out_dir, other)):  # never leave a verdict beside an interim, or the reverse
+        os.remove(os.path.join(out_dir, other))
+    with open(os.path.join(out_dir, name), "w") as f:
         json.dump({k: res[k] for k in verdict_keys}, f, indent=1)
-    if complete and os.path.exists(os.path.join(out_dir, "interim.json")):
-        os.remove(os.path.join(out_dir, "interim.json"))
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"analysis": res, "cells": {n: {k: v for k, v in c.items() if k != "rows"} for n, c in cells.items()},
                    "figures": figs}, f, indent=1)

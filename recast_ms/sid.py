@@ -223,8 +223,8 @@ class SIDTokenMap:
         size = int(self.code_to_id.max()) + 1
         self.level_of_id = np.full(size, -1, dtype=np.int64)
         self.code_of_id = np.full(size, -1, dtype=np.int64)
-        for tid, (level, code) in self.id_to_level_code.items():
-            self.level_of_id[tid], self.code_of_id[tid] = level, code
+        self.level_of_id[self.code_to_id] = np.arange(fmt.num_levels)[:, None]
+        self.code_of_id[self.code_to_id] = np.arange(codebook_size)[None, :]
 
     def sid_to_ids(self, sid: Sequence[int]) -> List[int]:
         return [int(self.code_to_id[level, code]) for level, code in enumerate(sid)]

@@ -107,7 +107,8 @@ def test_invalid_experiment_decides_nothing():
     assert res["verdicts_if_valid"]["quality"] == "reproduced"
 
 
-def test_decisive_report_writes_verdict_json_and_figures(tmp_path):
+def _write_cells(tmp_path) -> dict:
+    """The golden arms written as finished cells (``cells/<arm>_<seed>/metrics.jsonl``), as the runner lists them."""
     cells = {}
     for arm, by_seed in _arms().items():
         for seed, rows in by_seed.items():
@@ -115,6 +116,11 @@ def test_decisive_report_writes_verdict_json_and_figures(tmp_path):
             d.mkdir(parents=True)
             (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
             cells[f"{arm}_{seed}"] = {"estimator": arm.split("+")[0], "arm": arm, "seed": seed, "run_dir": str(d)}
+    return cells
+
+
+def test_decisive_report_writes_verdict_json_and_figures(tmp_path):
+    cells = _write_cells(tmp_path)
     (tmp_path / "sft_full_test_eval.json").write_text(json.dumps(
         {"split": "test", "num_prompts": 4533, "model": {"model/pass@10": 0.1234}}))
     md = decisive_report(cells, str(tmp_path), sft_dirs={"tiny@industrial": "runs/sft_industrial"})
@@ -131,13 +137,7 @@ def test_decisive_report_writes_verdict_json_and_figures(tmp_path):
 
 
 def test_unfinished_grid_writes_an_interim_report_not_a_verdict(tmp_path):
-    cells = {}
-    for arm, by_seed in _arms().items():
-        for seed, rows in by_seed.items():
-            d = tmp_path / "cells" / f"{arm}_{seed}"
-            d.mkdir(parents=True)
-            (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-            cells[f"{arm}_{seed}"] = {"estimator": arm.split("+")[0], "arm": arm, "seed": seed, "run_dir": str(d)}
+    cells = _write_cells(tmp_path)
     decisive_report(cells, str(tmp_path), planned=len(cells))  # complete: a verdict
     assert (tmp_path / "verdict.json").exists()
     partial = dict(list(cells.items())[:-1])
