@@ -69,6 +69,9 @@ def test_analysis_golden_values_and_verdicts():
     assert beam["ci95"] == pytest.approx([-0.00696828, 0.00296828], abs=1e-8)
     assert res["secondary"]["anchor_only - grpo"]["ci95"] == pytest.approx([0.004, 0.004])  # SD 0
     assert res["secondary"]["recast - anchor_only"]["mean"] == pytest.approx(0.006)
+    # Pass@10 = 0.12 + (Pass@1 - SFT) in these logs, so its paired differences equal Pass@1's; Pass@32 is flat
+    assert res["secondary"]["recast - anchor_only"]["metrics"]["pass@10"]["mean"] == pytest.approx(0.006)
+    assert res["secondary"]["anchor_only - grpo"]["metrics"]["pass@32"]["mean"] == pytest.approx(0.0, abs=1e-12)
     assert res["secondary_metrics"]["pass@10"]["mean"] == pytest.approx(0.010)  # pass@10 moves with pass@1 here
     assert res["curves"]["recast"]["pass@1"]["20"]["mean"] == pytest.approx(0.080)
     assert res["curves"]["grpo"]["pass@1"]["160"]["sd"] == pytest.approx(np.std(GRPO))
