@@ -284,7 +284,7 @@ def _figures(arms: Dict[str, Dict[int, List[dict]]], res: dict, fig_dir: str) ->
 def report_markdown(res: dict, fig_names: Sequence[str] = (), sft_dirs: Optional[Dict[str, str]] = None) -> str:
     v = res
     md = ["## Decisive experiment (pre-registered, issue 14)", "",
-          "Design and verdict rules: [decisive/PLAN.md](decisive/PLAN.md), fixed before any cell ran. Tiny Qwen3 on "
+          "Design and verdict rules: [PLAN.md](PLAN.md), fixed before any cell ran. Tiny Qwen3 on "
           f"Industrial_and_Scientific, {v['steps']} RL steps x 16 prompts x G = 16, evaluation = constrained beam 32 on "
           f"the same seeded random {v['eval_prompts']} test prompts for every arm. Every number below is read from "
           "the cells' own `metrics.jsonl`.", ""]
