@@ -311,15 +311,14 @@ def report_markdown(res: dict, fig_names: Sequence[str] = (), sft_dirs: Optional
                for s, r in v["matched_budget_ratio"].items()), ""]
     if v.get("sft_industrial_pass_at_10") is not None:
         md += [f"SFT Pass@10 on the full Industrial test split: {v['sft_industrial_pass_at_10']:.4f}.", ""]
-    rows = [["recast - grpo (primary)", "pass@1", ",".join(map(str, v["seeds"])), _fmt(v["paired_diff_mean"]),
-             f"[{_fmt(v['paired_diff_ci95'][0])}, {_fmt(v['paired_diff_ci95'][1])}]"]]
-    for m, st in v["secondary_metrics"].items():
-        rows.append(["recast - grpo", m, ",".join(map(str, v["seeds"])), _fmt(st["mean"]),
-                     f"[{_fmt(st['ci95'][0])}, {_fmt(st['ci95'][1])}]"])
+    def diff_row(name: str, metric: str, seeds: Sequence[int], mean: float, ci) -> List[str]:
+        return [name, metric, ",".join(map(str, seeds)), _fmt(mean), f"[{_fmt(ci[0])}, {_fmt(ci[1])}]"]
+
+    rows = [diff_row("recast - grpo (primary)", "pass@1", v["seeds"], v["paired_diff_mean"], v["paired_diff_ci95"])]
+    rows += [diff_row("recast - grpo", m, v["seeds"], st["mean"], st["ci95"]) for m, st in v["secondary_metrics"].items()]
     for name, st in v["secondary"].items():
-        for m, ms in [("pass@1", st)] + list(st.get("metrics", {}).items()):
-            rows.append([name, m, ",".join(map(str, st["seeds"])), _fmt(ms["mean"]),
-                         f"[{_fmt(ms['ci95'][0])}, {_fmt(ms['ci95'][1])}]"])
+        rows += [diff_row(name, m, st["seeds"], ms["mean"], ms["ci95"])
+                 for m, ms in [("pass@1", st)] + list(st["metrics"].items())]
     md += ["Paired differences at the last step (Student t, 95%; secondary rows decide nothing):", "",
            _table(["comparison", "metric", "seeds", "mean", "95% CI"], rows), ""]
     cur_rows = []
