@@ -8,6 +8,7 @@ in ``__post_init__`` with the reason.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import math
 import os
@@ -32,9 +33,14 @@ def _f(default, help_text: str):
     return field(default=default, metadata={"help": help_text})
 
 
+class ConfigError(ValueError):
+    """A run configuration (or plan) the user can fix; the message names the key and the value. Every command
+    prints it as one line and exits 2 (``recast_ms.cli.command``); any other exception keeps its traceback."""
+
+
 def _require(cond: bool, msg: str):
     if not cond:
-        raise ValueError(msg)
+        raise ConfigError(msg)
 
 
 @dataclass
@@ -58,12 +64,19 @@ class DataConfig:
     max_eval_prompts: int = _f(300, "test prompts evaluated during RL; 0 = the whole test split")
     eval_subset_seed: int = _f(-1, "-1: evaluate on the first max_eval_prompts test rows; >= 0: on a seeded random "
                                    "subset of that size (the same rows for every run that sets it)")
+    # model selection on rows neither RL nor the test ever sees (issue 24): carved out of valid before RL draws
+    reserved_valid_rows: int = _f(0, "valid rows held out of the RL prompt pool (a seeded slice) for selection "
+                                     "with eval.split=reserved; 0 = none (the RL pool is the whole valid split)")
+    reserved_valid_seed: int = _f(0, "seed of the reserved valid slice (the same rows for every run that sets it)")
 
     def __post_init__(self):
         _require(self.source in ("synthetic", "amazon"), f"data.source must be 'synthetic' or 'amazon', got {self.source!r}")
         _require(self.codebook_size >= 2, "data.codebook_size must be >= 2")
         _require(self.max_rl_prompts >= 0 and self.max_eval_prompts >= 0, "data.max_*_prompts must be >= 0")
         _require(self.seed >= 0, f"data.seed must be >= 0, got {self.seed}")
+        _require(self.reserved_valid_rows >= 0 and self.reserved_valid_seed >= 0,
+                 f"data.reserved_valid_rows / data.reserved_valid_seed must be >= 0, got {self.reserved_valid_rows} / "
+                 f"{self.reserved_valid_seed}")
         _require(self.eval_subset_seed >= -1, f"data.eval_subset_seed must be -1 (first rows) or >= 0, "
                                               f"got {self.eval_subset_seed}")
 
@@ -71,7 +84,8 @@ class DataConfig:
 @dataclass
 class SFTConfig:
     steps: int = _f(200, "optimizer steps")
-    batch_size: int = _f(32, "sequences per step (one static [batch, seq_length] graph)")
+    batch_size: int = _f(32, "sequences per optimizer step, GLOBAL: under msrun each data-parallel rank takes "
+                            "batch_size / ranks of them (one static [batch, seq_length] graph per rank)")
     lr: float = _f(2e-3, "peak learning rate (AdamW)")
     min_lr_ratio: float = _f(0.1, "cosine decay floor, as a fraction of lr")
     warmup_steps: int = _f(20, "linear warm-up steps")
@@ -80,6 +94,8 @@ class SFTConfig:
     eval_every: int = _f(100, "steps between validation-loss evaluations")
     save_every: int = _f(50, "steps between checkpoints (a kill loses at most this many)")
     log_every: int = _f(10, "steps between metric lines")
+    keep_checkpoints: int = _f(2, "newest checkpoints kept (0 = all: a start chosen among them later, e.g. by valid "
+                                  "Pass@1, needs every save_every checkpoint)")
     dropout: float = _f(0.0, "hidden-state dropout in the SFT training step only (MindFormers' hidden_dropout; on CPU "
                              "ops.Dropout); validation loss, evaluation and RL run without it. With dropout a resumed "
                              "run is not bit-identical to an uninterrupted one (the dropout RNG is not saved)")
@@ -91,6 +107,8 @@ class SFTConfig:
         _require(0 <= self.min_lr_ratio <= 1, "sft.min_lr_ratio must be in [0, 1]")
         _require(0 <= self.warmup_steps < self.steps or self.steps == 1, "sft.warmup_steps must be < sft.steps")
         _require(self.save_every >= 1 and self.eval_every >= 1 and self.log_every >= 1, "sft.*_every must be >= 1")
+        _require(self.keep_checkpoints >= 0,
+                 f"sft.keep_checkpoints must be >= 0 (0 = all), got {self.keep_checkpoints}")
         _require(0.0 <= self.dropout < 1.0, f"sft.dropout must be in [0, 1), got {self.dropout}")
 
 
@@ -98,8 +116,14 @@ class SFTConfig:
 class RLConfig:
     estimator: str = _f("recast", "advantage estimator (the registry in recast_ms/signals.py, listed below)")
     alpha: float = _f(1.0, "boundary estimators: advantage magnitude of the (positive, negative) pair")
+    negative_weight: float = _f(1.0, "boundary estimators with a negative: the negative's advantage is "
+                                     "-alpha * negative_weight (1 = ReCast; 0 = no negative loss, as anchor_only)")
+    negative_mask: str = _f("full", "the negative row's loss mask: full (every response token) | divergent (only "
+                                    "from the first token where it differs from its group's positive, so the shared "
+                                    "prefix is not pushed down)")
     group_size: int = _f(16, "G: responses per prompt")
-    prompts_per_step: int = _f(8, "P: prompts per step (per data-parallel rank)")
+    prompts_per_step: int = _f(8, "P: prompts per optimizer step, GLOBAL on every backend: under msrun each "
+                                  "data-parallel rank owns P / ranks whole groups (P must divide)")
     steps: int = _f(30, "optimizer steps")
     lr: float = _f(5e-5, "learning rate (2e-4 let ReCast drift, k3 KL 0.22 after 30 steps, on the synthetic default)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -134,6 +158,14 @@ class RLConfig:
 
         _require(self.estimator in ESTIMATORS, f"rl.estimator must be one of {sorted(ESTIMATORS)}, got {self.estimator!r}")
         _require(self.alpha > 0, f"rl.alpha must be > 0, got {self.alpha}")
+        _require(0 <= self.negative_weight < math.inf, f"rl.negative_weight must be a finite number >= 0, "
+                                                       f"got {self.negative_weight}")
+        _require(self.negative_mask in ("full", "divergent"),
+                 f"rl.negative_mask must be 'full' or 'divergent', got {self.negative_mask!r}")
+        est = ESTIMATORS[self.estimator]
+        _require((self.negative_weight == 1.0 and self.negative_mask == "full") or (est.boundary and est.negative),
+                 f"rl.negative_weight={self.negative_weight} / rl.negative_mask={self.negative_mask!r} shape a boundary "
+                 f"estimator's negative row; rl.estimator={self.estimator!r} has none (leave them at 1.0 / full)")
         _require(self.group_size >= 2, f"rl.group_size must be >= 2, got {self.group_size}")
         _require(self.prompts_per_step >= 1, "rl.prompts_per_step must be >= 1")
         _require(self.steps >= 1, "rl.steps must be >= 1")
@@ -149,6 +181,9 @@ class RLConfig:
         _require(self.rollout in ("sample", "beam"), f"rl.rollout must be 'sample' or 'beam', got {self.rollout!r}")
         _require(self.rollout == "sample" or (self.top_k == 0 and self.top_p == 1.0),
                  "rl.top_k / rl.top_p shape sampled rollouts only; with rl.rollout=beam leave them at 0 / 1.0")
+        _require(self.rollout == "sample" or self.constrained,
+                 "rl.rollout=beam needs rl.constrained=true (without the SID trie the unnormalised beam scores favour "
+                 "short responses that name no catalogue item: such a run trained on nothing)")
         self.eval_steps = tuple(sorted({int(s) for s in self.eval_steps}))
         _require(all(0 <= s <= self.steps for s in self.eval_steps),
                  f"rl.eval_steps {list(self.eval_steps)} must lie in [0, rl.steps={self.steps}]")
@@ -168,11 +203,14 @@ class EvalConfig:
     ks: Tuple[int, ...] = _f((1, 5, 10, 32), "cut-offs for Pass/Recall/NDCG@K (each <= beam_width)")
     batch_size: int = _f(16, "prompts per beam-search call (a fixed shape: the last batch is filled)")
     constrained: bool = _f(True, "beams follow the SID prefix trie")
+    split: str = _f("test", "what RL-time evaluation scores: test | reserved (data.reserved_valid_rows valid rows "
+                            "the RL sampler never draws: select variants there, confirm on test)")
 
     def __post_init__(self):
         self.ks = tuple(int(k) for k in self.ks)
         _require(self.beam_width >= 1, "eval.beam_width must be >= 1")
         _require(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.split in ("test", "reserved"), f"eval.split must be 'test' or 'reserved', got {self.split!r}")
         _require(all(1 <= k <= self.beam_width for k in self.ks), f"eval.ks {self.ks} must lie in [1, beam_width={self.beam_width}]")
 
 
@@ -232,6 +270,11 @@ class RunConfig:
         _require(self.data.max_rl_prompts == 0 or self.data.max_rl_prompts >= r.prompts_per_step,
                  f"data.max_rl_prompts={self.data.max_rl_prompts} is fewer than rl.prompts_per_step={r.prompts_per_step}: "
                  "a step could not draw its prompts")
+        _require(not (self.data.reserved_valid_rows and self.data.valid_in_train),
+                 "data.reserved_valid_rows needs data.valid_in_train=false: with it the reserved rows are SFT training "
+                 "rows and no longer unseen")
+        _require(self.eval.split != "reserved" or self.data.reserved_valid_rows > 0,
+                 "eval.split=reserved needs data.reserved_valid_rows > 0 (no valid row is reserved)")
         _require(not self.hf_checkpoint or os.path.isdir(self.hf_checkpoint),
                  f"hf_checkpoint {self.hf_checkpoint!r} is not a directory")
         # checked here, before any data, tokenizer or run-directory file is made
@@ -257,31 +300,31 @@ def _coerce(value, typ, key: str):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise ValueError(f"{key}: expected a boolean, got {value!r}")
+        raise ConfigError(f"{key}: expected a boolean, got {value!r}")
     if typ is int:
         if isinstance(value, bool) or not isinstance(value, (int, str, float)) or (isinstance(value, float) and not value.is_integer()):
-            raise ValueError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
         try:
             return int(value)
         except ValueError:
-            raise ValueError(f"{key}: expected an integer, got {value!r}") from None
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
     if typ is float:
         try:
             out = float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{key}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         if not math.isfinite(out):  # inf / nan pass every `> 0` check and then train nothing or NaN at step 1
-            raise ValueError(f"{key}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return out
     if typ is str:
         if not isinstance(value, (str, int, float)):
-            raise ValueError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
     if origin in (tuple, Tuple, list, List):
         if isinstance(value, str):
             value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
         inner = get_args(typ)[0] if get_args(typ) else str
         return tuple(_coerce(v, inner, key) for v in value)
     return value
@@ -298,29 +341,40 @@ def config_help() -> str:
     from recast_ms.signals import ESTIMATORS
 
     lines = []
-
-    def walk(cls, prefix):
-        hints = get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            typ = hints[f.name]
-            if dataclasses.is_dataclass(typ):
-                walk(typ, prefix + f.name + ".")
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            name = getattr(typ, "__name__", None) or str(typ).replace("typing.", "")
-            lines.append(f"  {prefix + f.name} ({name}, default {default!r}): {f.metadata.get('help', '')}")
-            if prefix + f.name == "rl.estimator":
-                lines.extend(f"      {n}: {e.help}" for n, e in ESTIMATORS.items())
-
-    walk(RunConfig, "")
+    for key, f, typ in _leaf_keys():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        name = getattr(typ, "__name__", None) or str(typ).replace("typing.", "")
+        lines.append(f"  {key} ({name}, default {default!r}): {f.metadata.get('help', '')}")
+        if key == "rl.estimator":
+            lines.extend(f"      {n}: {e.help}" for n, e in ESTIMATORS.items())
     return "\n".join(lines)
+
+
+def _leaf_keys(cls=None, prefix: str = ""):
+    """``(dotted key, field, type)`` of every config leaf, in declaration order."""
+    cls = cls or RunConfig
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _leaf_keys(hints[f.name], prefix + f.name + ".")
+        else:
+            yield prefix + f.name, f, hints[f.name]
+
+
+def _suggest(prefix: str, name: str, names) -> str:
+    """``sft.group_size (did you mean rl.group_size?)``: the same name in another section, else a close
+    spelling in this one."""
+    elsewhere = [k for k, _, _ in _leaf_keys() if k.rsplit(".", 1)[-1] == name and k != prefix + name]
+    close = [prefix + n for n in difflib.get_close_matches(name, sorted(names), n=1)]
+    hint = elsewhere or close
+    return prefix + name + (f" (did you mean {' or '.join(hint)}?)" if hint else "")
 
 
 def from_dict(cls, d: Optional[Dict[str, Any]], prefix: str = ""):
     """Build dataclass ``cls`` from a mapping, recursing into nested dataclasses; unknown keys raise."""
     d = {} if d is None else d
     if not isinstance(d, dict):
-        raise ValueError(f"{prefix or 'config'}: expected a mapping, got {type(d).__name__}")
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(d).__name__}")
     if not prefix:
         for key in REMOVED_KEYS.keys() & d.keys() - _REMOVED_SEEN:  # said once per process
             _REMOVED_SEEN.add(key)
@@ -331,7 +385,8 @@ def from_dict(cls, d: Optional[Dict[str, Any]], prefix: str = ""):
     unknown = sorted(set(d) - names)
     if unknown:
         where = f" in section '{prefix.rstrip('.')}'" if prefix else ""
-        raise ValueError(f"unknown config key(s){where}: {', '.join(prefix + u for u in unknown)}; known: {sorted(names)}")
+        raise ConfigError(f"unknown config key(s){where}: {', '.join(_suggest(prefix, u, names) for u in unknown)}; "
+                          f"known: {sorted(names)}")
     kwargs = {}
     for k, v in d.items():
         typ = hints[k]
@@ -347,14 +402,17 @@ def apply_overrides(d: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, An
     d = dict(d)
     for ov in overrides:
         if "=" not in ov:
-            raise ValueError(f"override {ov!r} must look like key.sub=value")
+            raise ConfigError(f"override {ov!r} must look like key.sub=value")
         key, raw = ov.split("=", 1)
         parts = key.strip().split(".")
         node = d
         for p in parts[:-1]:
             node[p] = dict(node.get(p) or {})
             node = node[p]
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override {ov!r}: the value is not a YAML scalar or list") from None
     return d
 
 
@@ -369,20 +427,22 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Ru
             with open(path) as f:
                 raw = yaml.safe_load(f)
         except FileNotFoundError:
-            raise FileNotFoundError(f"config file not found: {path}") from None
+            raise ConfigError(f"config file not found: {path}") from None
+        except OSError as e:  # a directory, no permission
+            raise ConfigError(f"config file {path}: {e.strerror}") from None
         except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML: {e}") from None
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
         if raw is None:
-            raise ValueError(f"{path}: the config file is empty (omit --config to run on the embedded defaults)")
+            raise ConfigError(f"{path}: the config file is empty (omit --config to run on the embedded defaults)")
         if not isinstance(raw, dict):
-            raise ValueError(f"{path}: the top level must be a mapping of keys and sections "
+            raise ConfigError(f"{path}: the top level must be a mapping of keys and sections "
                              f"(model_config, data, sft, rl, eval, ...), got a {type(raw).__name__}")
     raw = apply_overrides(raw, overrides)
     try:
         return from_dict(RunConfig, raw)
     except ValueError as e:
         where = " + ".join(([path] if path else []) + (["command-line overrides"] if overrides else []))
-        raise ValueError(f"{where}: {e}" if where else str(e)) from None
+        raise ConfigError(f"{where}: {e}" if where else str(e)) from None
 
 
 def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -414,11 +474,11 @@ def check_compatible(stored_path: str, given: RunConfig, what: str) -> None:
     try:
         stored = load_config(stored_path)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{what}: cannot read its config {stored_path} ({e})") from None
+        raise ConfigError(f"{what}: cannot read its config {stored_path} ({e})") from None
     diff = config_differences(stored, given)
     bad = {k: v for k, v in diff.items() if k in SHAPE_KEYS}
     if bad:
-        raise ValueError(f"{what} was written with a different " + ", ".join(
+        raise ConfigError(f"{what} was written with a different " + ", ".join(
             f"{k} ({v[0]!r}, now {v[1]!r})" for k, v in bad.items())
             + "; these keys fix the tokenizer, vocabulary or tensor shapes. Use the run's own values, "
               "or start a new run (another --run-dir, or --fresh)")

@@ -112,10 +112,11 @@ def _evals(rows: List[dict], metric: str) -> Dict[int, float]:
 
 
 def _curve(by_seed: Dict[int, List[dict]], metric: str) -> Dict[int, Tuple[float, float, List[float]]]:
-    """step -> (seed mean, seed SD (ddof=0, as the grid report), values) at the steps every seed evaluated."""
+    """step -> (seed mean, sample SD over seeds (ddof=1, as the verdict's paired SD), values) at the steps every
+    seed evaluated; one seed gives SD 0."""
     per = [_evals(rows, metric) for rows in by_seed.values()]
     steps = sorted(set.intersection(*(set(p) for p in per))) if per else []
-    return {s: (float(np.mean([p[s] for p in per])), float(np.std([p[s] for p in per])), [p[s] for p in per])
+    return {s: (float(np.mean([p[s] for p in per])), float(np.std([p[s] for p in per], ddof=1)) if len(per) > 1 else 0.0, [p[s] for p in per])
             for s in steps}
 
 
@@ -247,7 +248,7 @@ def _figures(arms: Dict[str, Dict[int, List[dict]]], res: dict, fig_dir: str) ->
         ax.set_title(m)
         ax.set_xlabel("RL step")
     axes[0].legend(fontsize=7)
-    fig.suptitle("decisive: seed mean ± SD (band) on the 2,000-prompt test subset")
+    fig.suptitle("decisive: seed mean ± sample SD (ddof=1, band) on the 2,000-prompt test subset")
     fig.tight_layout()
     paths.append(os.path.join(fig_dir, "decisive_eval_curves.png"))
     fig.savefig(paths[-1], dpi=100)
@@ -327,7 +328,7 @@ def report_markdown(res: dict, fig_names: Sequence[str] = (), sft_dirs: Optional
             cur_rows.append([a, m] + [f"{cur[m][s]['mean']:.4f} ± {cur[m][s]['sd']:.4f}"
                                       for s in sorted(cur[m], key=int)])
     steps = sorted(next(iter(v["curves"].values()))["pass@1"], key=int)
-    md += ["Learning curves (seed mean ± SD at each evaluation step):", "",
+    md += ["Learning curves (seed mean ± sample SD over seeds, ddof=1 as in the verdict, at each evaluation step):", "",
            _table(["arm", "metric"] + [f"step {s}" for s in steps], cur_rows), ""]
     tr_rows = [[a] + [f"{t[k]['first20_mean']:.4f} → {t[k]['last20_mean']:.4f}" for k, _ in TRAIN_KEYS]
                for a, t in v["training"].items()]

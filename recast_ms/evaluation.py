@@ -29,12 +29,54 @@ def eval_subset(samples: Sequence, max_prompts: int, seed: int = -1) -> list:
     split order (``seed >= 0``). A pure function of (split, size, seed): every arm of an experiment
     evaluates on the same rows, and the first rows (one user-id range) no longer stand in for the split."""
     samples = list(samples)
-    if not max_prompts or max_prompts >= len(samples):
-        return samples
+    return [samples[i] for i in eval_subset_rows(len(samples), max_prompts, seed)]
+
+
+def eval_subset_rows(n: int, max_prompts: int, seed: int = -1) -> np.ndarray:
+    """The rows of a pool of ``n`` samples that ``eval_subset`` keeps, in split order ``[N] int64``: what a
+    per-prompt record names its prompts by (the same rows, in the same order, for every arm of an experiment)."""
+    if not max_prompts or max_prompts >= n:
+        return np.arange(n, dtype=np.int64)
     if seed < 0:
-        return samples[:max_prompts]
-    rows = np.sort(np.random.default_rng(seed).choice(len(samples), size=max_prompts, replace=False))
-    return [samples[i] for i in rows]
+        return np.arange(max_prompts, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(n, size=max_prompts, replace=False)).astype(np.int64)
+
+
+def per_prompt_metrics(rankings: Sequence[Sequence], target_sets: Sequence, ks: Sequence[int]) -> Dict[str, np.ndarray]:
+    """Per prompt, in ``rankings``' order: ``pass@K`` (1/0, ``[N] uint8``) and ``ndcg@K`` (``[N] float64``) for each K;
+    their means are ``aggregate_metrics``' values. A paired bootstrap over prompts needs these, not the means."""
+    from recast_ms.metrics import ndcg_at_k, pass_at_k
+
+    if len(rankings) != len(target_sets):
+        raise ValueError(f"{len(rankings)} rankings but {len(target_sets)} target sets")
+    out: Dict[str, np.ndarray] = {}
+    for k in ks:
+        out[f"pass@{k}"] = np.array([pass_at_k(r, t, k) for r, t in zip(rankings, target_sets)], np.uint8)
+        out[f"ndcg@{k}"] = np.array([ndcg_at_k(r, t, k) for r, t in zip(rankings, target_sets)], np.float64)
+    return out
+
+
+PER_PROMPT_DIR = "eval_per_prompt"  # <run_dir>/eval_per_prompt/step_<N>.npz, one per RL evaluation
+
+
+def per_prompt_path(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, PER_PROMPT_DIR, f"step_{int(step)}.npz")
+
+
+def write_per_prompt(path: str, rows: np.ndarray, values: Dict[str, np.ndarray], split: str) -> None:
+    """``path`` (compressed npz): ``prompt_index [N]`` (rows of the evaluated pool, ``eval_subset_rows``), ``split``
+    and one ``[N]`` array per metric; written whole or not at all (a kill mid-write leaves the old file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez_compressed(tmp, prompt_index=np.asarray(rows, np.int64), split=np.array(split), **values)
+    os.replace(tmp, path)
+
+
+def read_per_prompt(path: str) -> Tuple[np.ndarray, str, Dict[str, np.ndarray]]:
+    """``(prompt_index [N], split, metric -> [N] float64)`` of a file ``write_per_prompt`` wrote."""
+    with np.load(path, allow_pickle=False) as z:
+        values = {k: z[k].astype(np.float64) for k in z.files if k not in ("prompt_index", "split")}
+        return z["prompt_index"], str(z["split"]), values
 
 
 def generate_rankings(decoder, samples, codebook, tokenizer, token_map: SIDTokenMap, *, seq_length: int,

@@ -90,6 +90,97 @@ PRESETS["decisive"] = {
 }
 
 
+# Issue 24, pre-registered in docs/experiments/beyond/PLAN.md: variants of the negative row, selected on a reserved
+# valid slice the RL sampler never draws (eval.split=reserved), then confirmed on a fresh test subset.
+BEYOND_RESERVED_SEED = 24  # data.reserved_valid_seed: the 1,000 reserved valid rows
+BEYOND_CONFIRM_EVAL_SEED = 2424  # data.eval_subset_seed of the confirmatory 2,000 test prompts (decisive used 14)
+# rl.lr: the decisive experiment's valid-tuned shared lr (its PLAN.md section 4), so stage 1 reproduces its arms
+_BEYOND_COMMON = ["rl.lr=1e-4", "rl.steps=160", "rl.prompts_per_step=16", "rl.eval_steps=[0,40,80,160]", "rl.save_every=10",
+                  "rl.micro_batch_size=128", "rl.kl_coef=0.001", "rl.temperature=1.0", "rl.constrained=true",
+                  "data.reserved_valid_rows=1000", f"data.reserved_valid_seed={BEYOND_RESERVED_SEED}",
+                  "eval.beam_width=32", "eval.ks=[1,5,10,32]", "eval.constrained=true"]
+_BEYOND_SFT = {"tiny@industrial": {"config": "model_configs/runs/sft_industrial.yaml",
+                                   "overrides": ["sft.dropout=0.2", "sft.weight_decay=0.2", "sft.steps=1600"]}}
+
+
+def _arm(name: str, est: str, rl: List[str], tag: str, seeds=(0, 1, 2)) -> dict:
+    return {"name": name, "sft": "tiny@industrial", "estimators": [est], "seeds": list(seeds), "group_sizes": [16],
+            "rl": rl, "tag": tag}
+
+
+PRESETS["beyond"] = {
+    "sft": _BEYOND_SFT,
+    "rl": _BEYOND_COMMON + ["eval.split=reserved", "data.max_eval_prompts=0"],
+    # the runner adds stage 2 (stage2.json), then writes selection.json (recast_ms.beyond); see commands/grid.py
+    "report": "beyond",
+    "blocks": [
+        {"name": "base", "sft": "tiny@industrial", "estimators": ["grpo", "anchor_only", "recast"],
+         "seeds": [0, 1, 2], "group_sizes": [16]},
+        _arm("weight", "recast", ["rl.negative_weight=0.1"], "nw0.1"),
+        _arm("weight", "recast", ["rl.negative_weight=0.3"], "nw0.3"),
+        _arm("divergent", "recast", ["rl.negative_mask=divergent"], "div"),
+        # lr parity: at the shared lr ReCast's clipped step (norm 1.0) dwarfs GRPO's (~0.15); GRPO at the other
+        # candidate lr of {1e-4, 2e-4} asks whether the gap is step size
+        _arm("lr_parity", "grpo", ["rl.lr=2e-4"], "lr2e-4"),
+    ],
+}
+
+
+def beyond_second_stage(reserved_pass1: Dict[str, List[float]]) -> List[dict]:
+    """The stage-2 blocks PLAN.md adds once every stage-1 cell is done (``reserved_pass1``: arm -> final reserved
+    Pass@1 per seed): divergent at the better of weights 0.1 / 0.3, and beam groups of the two best sampled arms."""
+    from recast_ms.beyond import best_arms, better_weight
+
+    w = better_weight(reserved_pass1)
+    blocks = [_arm("divergent", "recast", [f"rl.negative_weight={w}", "rl.negative_mask=divergent"], f"div_nw{w}")]
+    stage1 = {b.get("tag", ""): b for b in PRESETS["beyond"]["blocks"]}
+    for arm in best_arms(reserved_pass1):
+        est, _, tag = arm.partition("+")
+        rl = list(stage1[tag]["rl"]) if tag else []
+        blocks.append(_arm("beam", est, rl + ["rl.rollout=beam"], (tag + "_" if tag else "") + "beam"))
+    return blocks
+
+
+def beyond_confirm_preset(selected: dict, grpo_lr: float = 1e-4) -> dict:
+    """``beyond_confirm``: the selected arm (``{"estimator", "rl", "tag"}``, from the grid by PLAN.md's rule) vs grpo
+    (at ``grpo_lr``, PLAN.md section 3's rule; still arm ``grpo``) vs anchor_only, 5 paired seeds, on a fresh seeded
+    2,000-prompt test subset (not the decisive experiment's)."""
+    return {
+        "sft": _BEYOND_SFT,
+        "rl": _BEYOND_COMMON + ["eval.split=test", "data.max_eval_prompts=2000",
+                                f"data.eval_subset_seed={BEYOND_CONFIRM_EVAL_SEED}"],
+        "report": "beyond_confirm",
+        "blocks": [
+            {"name": "confirm", "sft": "tiny@industrial", "estimators": ["grpo"], "seeds": [0, 1, 2, 3, 4],
+             "group_sizes": [16], "rl": [f"rl.lr={grpo_lr:g}"]},
+            {"name": "confirm", "sft": "tiny@industrial", "estimators": ["anchor_only"], "seeds": [0, 1, 2, 3, 4],
+             "group_sizes": [16]},
+            _arm("confirm", selected["estimator"], list(selected.get("rl", [])), selected.get("tag", "selected"),
+                 seeds=(0, 1, 2, 3, 4)),
+        ],
+    }
+
+
+# PLAN.md section 7: recipe K's SFT on the 10M model, every save_every (200) checkpoint kept so that the runner can
+# start from the one with the highest valid Pass@1 ("sft_choice"; ties: the earlier step)
+_BEYOND_10M_SFT = {"10m@industrial": {"config": "model_configs/runs/sft_industrial.yaml", "overrides": list(
+    _BEYOND_SFT["tiny@industrial"]["overrides"]) + ["model_config=model_configs/qwen3_10m.yaml", "sft.save_every=200",
+                                                     "sft.keep_checkpoints=0"]}}
+
+
+def beyond_10m_preset(selected: dict, grpo_lr: float = 1e-4) -> dict:
+    """``beyond_10m`` (PLAN.md section 7): the confirmatory trio on the 10M model, 3 paired seeds, every other setting
+    as ``beyond_confirm``'s; its SFT start is chosen by valid Pass@1 among the kept checkpoints."""
+    conf = beyond_confirm_preset(selected, grpo_lr)
+    blocks = [{**b, "sft": "10m@industrial", "seeds": [0, 1, 2]} for b in conf["blocks"]]
+    return {**conf, "sft": _BEYOND_10M_SFT, "blocks": blocks, "report": "beyond_10m",
+            "sft_choice": {"10m@industrial": "pass@1"}}
+
+
+# presets built from a recorded decision (``--selection``: the beyond grid's selection.json), not fixed in PRESETS
+DERIVED_PRESETS = {"beyond_confirm": beyond_confirm_preset, "beyond_10m": beyond_10m_preset}
+
+
 def cell_name(sft_key: str, est: str, G: int, seed: int, tag: str = "") -> str:
     return f"{sft_key.replace('@', '-')}_{est}_G{G}_s{seed}" + (f"_{tag}" if tag else "")
 

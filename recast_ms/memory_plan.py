@@ -333,8 +333,12 @@ def plan_report(model_yaml: str, devices: int, device_memory_gb: float, *, group
            "usable_gb": round(device_memory_gb * USABLE_FRACTION, 2), "params": s.num_params,
            "seq_length": s.seq_length, "group_size": group_size, "prompts": prompts,
            "micro_batch_size": micro_batch_size, "layout": lay, "rollout_engine": engine}
+    # TP = PP = 1 runs the stand-alone data-parallel path: each rank splits its own P / DP groups into micro-batches
+    # of up to micro_batch_size rows (semi-auto slices one global micro-batch by DP instead); ``micro`` counts the
+    # rows one micro-batch step spans over all DP ranks
+    dp_path = engine == "kv_decoder"
     for est, rows in (("grpo", prompts * group_size), ("recast", 2 * prompts)):
-        micro = min(micro_batch_size, rows)
+        micro = min(micro_batch_size, max(1, rows // lay["dp"])) * lay["dp"] if dp_path else min(micro_batch_size, rows)
         t = plan_ascend(s, dp=lay["dp"], tp=lay["tp"], pp=lay["pp"], micro_batch_num=lay["micro_batch_num"],
                         optimizer_parallel=lay["optimizer_parallel"], recompute=lay["recompute"],
                         seq_parallel=lay["seq_parallel"], flash=lay["flash"], train_rows=micro,
@@ -343,8 +347,9 @@ def plan_report(model_yaml: str, devices: int, device_memory_gb: float, *, group
         split = lay["dp"] * (lay["micro_batch_num"] if lay["pp"] > 1 else 1)
         out[est] = {"actor_rows": rows, "micro_rows": micro, "actor_tokens": rows * s.seq_length,
                     "terms_gb": gb, "total_gb": gb["total"], "fits": bool(gb["total"] <= out["usable_gb"]),
-                    # the runtime plan refuses a micro-batch that DP (x pipeline micro-batches) does not divide
-                    "batch_divides": micro % split == 0}
+                    # the runtime plan refuses P that DP does not divide (data parallel: whole groups per rank),
+                    # or a micro-batch that DP (x pipeline micro-batches) does not divide (semi-auto)
+                    "batch_divides": prompts % lay["dp"] == 0 if dp_path else micro % split == 0}
     out["actor_tokens_ratio"] = round(out["grpo"]["actor_tokens"] / out["recast"]["actor_tokens"], 2)
     out["peak_memory_change"] = round(out["recast"]["total_gb"] / out["grpo"]["total_gb"] - 1.0, 4)
     cal = calibrate()

@@ -8,19 +8,26 @@ to ``set_auto_parallel_context``), dtypes, the CPU patches, the training wrapper
 MindSpore). ``recast_ms.trainer.setup.init_runtime`` applies a plan; ``scripts/launch_msrun.sh --dry-run``
 prints one.
 
-Two worlds, kept explicit:
+Batch semantics, one for every backend: ``rl.prompts_per_step`` (P) and ``sft.batch_size`` are GLOBAL per
+optimizer step. Each data-parallel rank owns whole groups (P / DP prompts, refused when not divisible), the
+ranks draw disjoint slices of the same seeded global order, the loss is normalised over the global batch and
+the logged metrics are reduced over ranks.
 
-* **CPU** (executed here): stand-alone parallel mode, fp32, the CPU patches of
-  :mod:`recast_ms.models.cpu_compat`, data parallel only (msrun ranks, each rolling out its own prompts; the
-  optimizer cell all-reduces the accumulated gradients). Model / pipeline parallel are refused: MindSpore
-  2.9 on CPU rejects ``SEMI_AUTO_PARALLEL`` under msrun ("Invalid backend: CPU").
-* **Ascend** (written, not executed: no CANN here): MindFormers' own machinery, as in its Qwen3 YAMLs and
-  MindRLHF: ``use_parallel`` + ``parallel_mode: semi_auto_parallel`` (MindFormers' ``build_context`` calls
-  ``communication.init()`` and ``set_auto_parallel_context``), ``TransformerOpParallelConfig`` DP x TP x PP
-  from the model YAML, optimizer parallel (``enable_parallel_optimizer``), the YAML's recompute, bf16
-  compute and flash attention, no CPU patches. ``full_batch: True``: every rank feeds the same global
-  micro-batch and the framework slices it by DP, so the actor batch ``[2P, T]`` (boundary estimators) or
-  ``[P*G, T]`` (GRPO) and its micro-batches must be divisible by DP (x pipeline micro-batches).
+Two paths, kept explicit:
+
+* **Data parallel** (TP = PP = 1, no optimizer parallel): CPU (executed here) and Ascend (the 0.6B / 1.7B
+  layouts as shipped). Stand-alone parallel mode: one msrun rank per device, each runs the whole model on
+  its P / DP prompts, and the optimizer cell all-reduces the accumulated gradients (MCCL on CPU, HCCL on
+  Ascend; ``communication.init()`` in ``recast_ms.trainer.distributed``). CPU adds fp32 and the patches of
+  :mod:`recast_ms.models.cpu_compat`; Ascend keeps the model YAML's dtypes, flash attention and recompute.
+  Model / pipeline parallel are refused on CPU: MindSpore 2.9 on CPU rejects ``SEMI_AUTO_PARALLEL`` under
+  msrun ("Invalid backend: CPU").
+* **Semi-auto parallel** (Ascend with TP or PP > 1 or optimizer parallel: the 8B / 14B layouts): MindFormers'
+  own machinery, as in its Qwen3 YAMLs and MindRLHF: ``use_parallel`` + ``parallel_mode: semi_auto_parallel``,
+  ``TransformerOpParallelConfig`` DP x TP x PP from the model YAML, optimizer parallel, ``full_batch: True``
+  (every rank feeds the same global micro-batch and the framework slices it by DP, so the actor batch and its
+  micro-batches must be divisible by DP x pipeline micro-batches). Planned, not run: its training step and
+  rollout engine are issue 23; ``init_runtime`` refuses it.
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
+from recast_ms.config import ConfigError
 from recast_ms.models.cpu_compat import PATCH_TARGETS
 from recast_ms.signals import get_estimator  # the one registry, shared with the trainer
 
@@ -52,7 +60,7 @@ PARALLEL_SECTION_KEYS = frozenset({"enable_parallel_optimizer", "parallel_optimi
                                    "enable_alltoall", "search_mode", "strategy_ckpt_config"})
 
 
-class PlanError(ValueError):
+class PlanError(ConfigError):
     """The run configuration cannot run on this device / world size; the message names the numbers."""
 
 
@@ -162,18 +170,30 @@ def resolve_device(requested: str) -> Tuple[str, str]:
         raise ValueError(f"device_target must be auto, CPU or Ascend, got {requested!r}")
     if req != "auto":
         return req, "runtime.device_target"
+    if _ascend_available():
+        return "Ascend", "auto: MindSpore's Ascend backend is available"
+    return "CPU", "auto: MindSpore's Ascend backend is not available (no CANN), using CPU"
+
+
+def _ascend_available() -> bool:
     import mindspore as ms  # pylint: disable=import-outside-toplevel
 
     ms_logger = logging.getLogger("mindspore")
     level = ms_logger.level
     ms_logger.setLevel(logging.ERROR)  # is_available() warns about the missing plugin on every call
     try:
-        ascend = bool(ms.device_context.ascend.is_available())
+        return bool(ms.device_context.ascend.is_available())
     finally:
         ms_logger.setLevel(level)
-    if ascend:
-        return "Ascend", "auto: MindSpore's Ascend backend is available"
-    return "CPU", "auto: MindSpore's Ascend backend is not available (no CANN), using CPU"
+
+
+def require_device(device: str) -> None:
+    """Before a run touches the device: Ascend asked for on a machine without it is a :class:`ConfigError`
+    (one line), not MindSpore's 40-line load trace. Skipped under ``MS_SIMULATION_LEVEL`` (the dry run
+    simulates Ascend on a CPU machine). Planning alone (``show_plan``) never calls this."""
+    if device == "Ascend" and not os.environ.get("MS_SIMULATION_LEVEL") and not _ascend_available():
+        raise ConfigError("runtime.device_target=Ascend, but MindSpore finds no Ascend device here (its Ascend "
+                          "backend does not load: no CANN / driver); use runtime.device_target=CPU or auto")
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -212,9 +232,22 @@ def check_batch(cfg, layout: Layout) -> None:
                         f"divisible by data_parallel={dp}")
 
 
-def plan_runtime(cfg, device_target: str, world_size: int, model_yaml: Optional[dict] = None) -> RuntimePlan:
+def check_groups(cfg, dp: int, stage: str = "rl") -> None:
+    """The global batch of one step splits into whole groups (RL) / whole rows (SFT) per data-parallel rank."""
+    if stage == "sft":
+        if cfg.sft.batch_size % dp:
+            raise PlanError(f"sft.batch_size={cfg.sft.batch_size} (global) is not divisible by data_parallel={dp}: "
+                            "each rank takes batch_size / data_parallel rows")
+    elif cfg.rl.prompts_per_step % dp:
+        raise PlanError(f"rl.prompts_per_step={cfg.rl.prompts_per_step} (global) is not divisible by data_parallel={dp}: "
+                        "each rank owns prompts_per_step / data_parallel whole groups")
+
+
+def plan_runtime(cfg, device_target: str, world_size: int, model_yaml: Optional[dict] = None,
+                 stage: str = "rl") -> RuntimePlan:
     """The full runtime plan of run config ``cfg`` on ``device_target`` (``CPU`` or ``Ascend``, already resolved)
-    with ``world_size`` ranks. Pure: reads the model YAML (``model_yaml`` dict, default ``cfg.model_config``).
+    with ``world_size`` ranks, for the ``stage`` ``rl`` or ``sft`` (whose global batch is split over the ranks).
+    Pure: reads the model YAML (``model_yaml`` dict, default ``cfg.model_config``).
     Raises :class:`PlanError` naming the numbers when the layout or the batch does not fit."""
     if device_target not in DEVICES:
         raise ValueError(f"device_target must be one of {DEVICES} (resolve 'auto' with resolve_device), "
@@ -243,6 +276,7 @@ def plan_runtime(cfg, device_target: str, world_size: int, model_yaml: Optional[
             raise PlanError("runtime.optimizer_parallel / runtime.recompute = true need semi-auto-parallel on Ascend; "
                             "on CPU they do not exist")
         layout = Layout(world_size, 1, 1, 1, False, False)
+        check_groups(cfg, world_size, stage)
         if base.devices > 1 or base.recompute or base.optimizer_parallel:
             notes.append(f"model YAML layout DP x TP x PP = {base.data_parallel} x {base.model_parallel} x "
                          f"{base.pipeline_stage} (recompute {base.recompute}, optimizer parallel "
@@ -283,10 +317,17 @@ def plan_runtime(cfg, device_target: str, world_size: int, model_yaml: Optional[
     layout = Layout(dp, tp, pp, mbn, _tri(rt.optimizer_parallel, base.optimizer_parallel),
                     _tri(rt.recompute, base.recompute))
     check_layout(shape, layout, world_size, where=os.path.basename(cfg.model_config))
-    check_batch(cfg, layout)
+    check_groups(cfg, dp, stage)
+    # every device holds the full weights: the data-parallel path CPU msrun runs, with HCCL for MCCL
+    data_parallel_only = tp == 1 and pp == 1 and not layout.optimizer_parallel
+    if not data_parallel_only and stage == "rl":
+        check_batch(cfg, layout)
 
     parallel_config = dict(raw.get("parallel_config") or {})
-    parallel_config.update(data_parallel=dp, model_parallel=tp, pipeline_stage=pp, micro_batch_num=mbn)
+    if data_parallel_only:  # stand-alone mode: each rank's graph is one device's, DP lives in the optimizer cell
+        parallel_config.update(data_parallel=1, model_parallel=1, pipeline_stage=1, micro_batch_num=1)
+    else:
+        parallel_config.update(data_parallel=dp, model_parallel=tp, pipeline_stage=pp, micro_batch_num=mbn)
     if pp > 1 and parallel_config.get("vocab_emb_dp", False):
         parallel_config["vocab_emb_dp"] = False  # as MindFormers' build_parallel_config does for pipelines
         notes.append("vocab_emb_dp reset to False (pipeline_stage > 1), as MindFormers does")
@@ -296,7 +337,7 @@ def plan_runtime(cfg, device_target: str, world_size: int, model_yaml: Optional[
     recompute_config["recompute"] = layout.recompute
     par_yaml = dict(raw.get("parallel") or {})
     parallel: Dict[str, Any] = {}
-    if world_size > 1:
+    if world_size > 1 and not data_parallel_only:
         parallel = {"parallel_mode": "semi_auto_parallel", "full_batch": True, "gradients_mean": False,
                     "search_mode": "sharding_propagation", "enable_alltoall": False,
                     "strategy_ckpt_config": {"save_file": "./strategy/ckpt_strategy.ckpt", "only_trainable_params": False}}
@@ -304,15 +345,15 @@ def plan_runtime(cfg, device_target: str, world_size: int, model_yaml: Optional[
         parallel["enable_parallel_optimizer"] = layout.optimizer_parallel
         if pp > 1:
             parallel["pipeline_stages"] = pp
-    elif layout.devices > 1:
-        raise PlanError(f"layout {dp} x {tp} x {pp} needs {layout.devices} devices, the launch gives 1")
     dtypes = {k: str(mc.get(k, FP32_DTYPES[k])) for k in FP32_DTYPES}
-    kv_ok = tp == 1 and pp == 1 and not layout.optimizer_parallel
-    if kv_ok:
+    if data_parallel_only:
         engine = "kv_decoder"
         reason = ("TP = PP = 1 and no optimizer parallel: every device holds the full weights, so the project's "
                   "KV decoder runs over the actor's own Parameters (MatMul / Softmax / Gather have Ascend kernels); "
                   "no weight sync")
+        reduction = ("AllReduce (HCCL) of the accumulated gradients in the optimizer cell (AdamWApply / FusedStep), "
+                     "stand-alone mode as on CPU" if world_size > 1 else "none (one device)")
+        wrapper = "recast_cells: GradAccumulator + AdamWApply, or FusedStep (recast_ms/trainer/optim.py)"
     else:
         engine = "mindformers_infer"
         reason = (f"TP={tp}, PP={pp}, optimizer parallel={layout.optimizer_parallel}: under semi-auto-parallel each "
@@ -322,23 +363,21 @@ def plan_runtime(cfg, device_target: str, world_size: int, model_yaml: Optional[
                   "run_mode predict) with TP = model_parallel runs the rollout, its weights synced from the actor "
                   "after each optimizer step by resharding between the two strategy layouts (MindRLHF's "
                   "TransformParametersD2D pattern); SID constraints are applied to the host-side logits")
+        reduction = "inserted by semi-auto-parallel (DP AllReduce / ReduceScatter with optimizer parallel)"
+        wrapper = ("NOT WRITTEN (issue 23): MindFormers' MFTrainOneStepCell + MindFormers AdamW (optimizer parallel "
+                   "from the context)" + (" over PipelineCellWithTwoOutput(micro_batch_num)" if pp > 1 else
+                                          " over GradAccumulationCellWithTwoOutput"))
     return RuntimePlan(
         device_target="Ascend", world_size=world_size, layout=layout,
         context={"mode": "GRAPH_MODE", "device_target": "Ascend", **ASCEND_CONTEXT},
-        use_parallel=world_size > 1, parallel=parallel, parallel_config=parallel_config,
+        use_parallel=bool(parallel), parallel=parallel, parallel_config=parallel_config,
         recompute_config=recompute_config, dtypes=dtypes, use_flash_attention=bool(mc.get("use_flash_attention", False)),
-        cpu_patches=(),
-        gradient_reduction="inserted by semi-auto-parallel (DP AllReduce / ReduceScatter with optimizer parallel)"
-        if world_size > 1 else "none (one device)",
-        train_wrapper=("recast_cells: GradAccumulator + AdamWApply, one device (no collective)" if world_size == 1 else
-                       "NOT WRITTEN: MindFormers' MFTrainOneStepCell + MindFormers AdamW (optimizer parallel from the "
-                       "context)" + (" over PipelineCellWithTwoOutput(micro_batch_num)" if pp > 1 else
-                                     " over GradAccumulationCellWithTwoOutput")
-                       + "; the project's cells keep their explicit AllReduce for CPU data parallel only"),
+        cpu_patches=(), gradient_reduction=reduction, train_wrapper=wrapper,
         rollout_engine=engine, rollout_reason=reason, actor_batch=batch, notes=notes)
 
 
-def plan_from_config(cfg, world_size: int = 1) -> Tuple[RuntimePlan, str]:
+def plan_from_config(cfg, world_size: int = 1, stage: str = "rl") -> Tuple[RuntimePlan, str]:
     """Resolve ``cfg.runtime.device_target`` and plan; returns (plan, why this device)."""
     device, why = resolve_device(cfg.runtime.device_target)
-    return plan_runtime(cfg, device, world_size), why
+    require_device(device)
+    return plan_runtime(cfg, device, world_size, stage=stage), why

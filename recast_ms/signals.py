@@ -25,6 +25,12 @@ strongest natural hit in a group that has one), but the hardest negative gets ad
 ground-truth labels" from "the contrast helps"; all-hit groups are skipped exactly as in ReCast, so
 the two estimators differ only in the negative row.
 
+Two knobs of the negative row (issue 24; the defaults are ReCast): ``negative_weight`` scales its
+advantage to ``-alpha * negative_weight`` (0 makes the row loss-free, as ``anchor_only``), and the trainer's
+``rl.negative_mask=divergent`` (:func:`divergent_mask`) keeps its loss only from the first token where it
+leaves its group's positive: on-policy, +alpha and -alpha on shared prefix tokens cancel, so under full
+masking ReCast never reinforces the target's first codes when the negative shares them.
+
 GRPO normalises with the unbiased standard deviation (``ddof=1``), as verl's GRPO estimator
 (which OpenOneRec-RL uses) and TRL do; pass ``ddof=0`` for the population form.
 """
@@ -140,6 +146,7 @@ def recast_signal(
     repair: bool = True,
     boundary: bool = True,
     negative: bool = True,
+    negative_weight: float = 1.0,
     repair_mask: Optional[np.ndarray] = None,
     eps: float = 1e-6,
     ddof: int = 1,
@@ -149,7 +156,8 @@ def recast_signal(
     ``repair`` / ``boundary`` select the estimator: both True is ReCast, ``repair`` alone is
     repair-only (GRPO normalisation over the repaired group), ``boundary`` alone is boundary-only
     (all-zero groups skipped), neither is plain GRPO. ``negative=False`` (boundary only) gives the
-    hardest negative advantage 0 instead of ``-alpha`` (``anchor_only``). ``repair_mask`` (``[P]`` bool
+    hardest negative advantage 0 instead of ``-alpha`` (``anchor_only``); ``negative_weight`` scales the negative's
+    advantage to ``-alpha * negative_weight``. ``repair_mask`` (``[P]`` bool
     or None) lets an adaptive scheduler veto repair per group; None repairs every all-zero group.
     """
     r = _check_rewards(rewards)
@@ -158,6 +166,8 @@ def recast_signal(
         raise ValueError("negative=False (no contrast row) only applies to boundary estimators")
     if not (alpha > 0 and np.isfinite(alpha)):
         raise ValueError(f"alpha must be a positive finite number, got {alpha}")
+    if not (0 <= negative_weight < np.inf):
+        raise ValueError(f"negative_weight must be a finite number >= 0, got {negative_weight}")
     P, G = r.shape
     r, s = r.copy(), s.copy()
 
@@ -185,7 +195,7 @@ def recast_signal(
         adv = np.zeros((P, G))
         act = np.nonzero(active_mask)[0]
         adv[act, pos[act]] = alpha
-        adv[act, neg[act]] = -alpha if negative else 0.0
+        adv[act, neg[act]] = -alpha * negative_weight if negative else 0.0
     else:
         adv = grpo_advantage(r, eps=eps, ddof=ddof)
         active_mask = mixed  # uniform groups have zero advantage everywhere
@@ -304,19 +314,21 @@ class Estimator:
     ablation: bool = False
     help: str = ""
 
-    def signal(self, rewards, scores, *, alpha: float = 1.0, repair_mask=None, eps: float = 1e-6,
-               ddof: int = 1) -> RecastSignal:
+    def signal(self, rewards, scores, *, alpha: float = 1.0, negative_weight: float = 1.0, repair_mask=None,
+               eps: float = 1e-6, ddof: int = 1) -> RecastSignal:
         return recast_signal(rewards, scores, alpha=alpha, repair=self.repair, boundary=self.boundary,
-                             negative=self.negative, repair_mask=repair_mask, eps=eps, ddof=ddof)
+                             negative=self.negative, negative_weight=negative_weight, repair_mask=repair_mask,
+                             eps=eps, ddof=ddof)
 
-    def cell(self, group_size: int, alpha: float = 1.0):
+    def cell(self, group_size: int, alpha: float = 1.0, negative_weight: float = 1.0):
         """The graph-mode selection Cell (static ``[P, G]`` in, ``[P, 2]`` out), or None for whole-group
         estimators (their advantages are a plain GRPO normalisation)."""
         if not self.boundary:
             return None
         from recast_ms.signals_ms import RecastSelect  # mindspore only when a graph is wanted
 
-        return RecastSelect(group_size, alpha, repair=self.repair, negative=self.negative)
+        return RecastSelect(group_size, alpha, repair=self.repair, negative=self.negative,
+                            negative_weight=negative_weight)
 
     def actor_rows(self, prompts: int, group_size: int) -> int:
         """Rows of the actor batch: ``2P`` (boundary) or ``P*G``."""
@@ -352,11 +364,11 @@ def compute_signal(name: str, rewards, scores, *, alpha: float = 1.0, **kw) -> R
     return get_estimator(name).signal(rewards, scores, alpha=alpha, **kw)
 
 
-def select(est: Estimator, rewards, scores, *, alpha: float = 1.0, repair_mask=None, eps: float = 1e-6,
-           cell=None) -> Selection:
+def select(est: Estimator, rewards, scores, *, alpha: float = 1.0, negative_weight: float = 1.0, repair_mask=None,
+           eps: float = 1e-6, cell=None) -> Selection:
     """A step's :class:`Selection` from ``[P, G]`` rewards and structural scores, for any estimator.
 
-    With ``cell`` (``est.cell(G, alpha)``, boundary estimators) the selection runs as a compiled graph;
+    With ``cell`` (``est.cell(G, alpha, negative_weight)``, boundary estimators) the selection runs as a compiled graph;
     otherwise the numpy reference runs. ``repair_mask [P]`` (None: all True) lets the adaptive schedule veto
     repair per group.
     """
@@ -364,7 +376,8 @@ def select(est: Estimator, rewards, scores, *, alpha: float = 1.0, repair_mask=N
     P, G = rewards.shape
     mask = np.ones(P, bool) if repair_mask is None else np.asarray(repair_mask, bool)
     if cell is None:
-        return Selection.from_signal(est.signal(rewards, scores, alpha=alpha, repair_mask=mask, eps=eps))
+        return Selection.from_signal(est.signal(rewards, scores, alpha=alpha, negative_weight=negative_weight,
+                                                repair_mask=mask, eps=eps))
     import mindspore as ms
 
     act_idx, pair_adv, act_mask, repaired, anchor = cell(ms.Tensor(rewards, ms.float32),
@@ -372,6 +385,53 @@ def select(est: Estimator, rewards, scores, *, alpha: float = 1.0, repair_mask=N
                                                          ms.Tensor(mask))[:5]
     return Selection.build(True, G, repaired.asnumpy(), anchor.asnumpy(), act_mask.asnumpy(), act_idx.asnumpy(),
                            pair_adv.asnumpy())
+
+
+def common_prefix_len(a, b, mask=None) -> np.ndarray:
+    """Leading tokens two ``[B, R]`` token rows share: ``[B]`` int in ``0..R``. ``mask [B, R]`` (1 on real
+    tokens of ``b``) stops the count at ``b``'s end, so padding after two EOS never counts as shared."""
+    a, b = np.asarray(a), np.asarray(b)
+    same = a == b
+    if mask is not None:
+        same &= np.asarray(mask) > 0
+    return np.cumprod(same, axis=1).sum(axis=1).astype(np.int64)
+
+
+def divergent_mask(rows, loss_mask, sel: Selection) -> np.ndarray:
+    """``rl.negative_mask=divergent``: the ``[B, R]`` loss mask with each boundary pair's negative row (row
+    ``2p+1``) cut to its tokens from the first position where it differs from the pair's positive (row ``2p``,
+    the anchor in a repaired group); positives and whole-group batches are returned unchanged."""
+    rows, out = np.asarray(rows), np.array(loss_mask, dtype=np.float32, copy=True)
+    if rows.shape[0] != 2 * sel.repaired.shape[0]:
+        raise ValueError(f"divergent masking needs a boundary [2P, R] batch, got {rows.shape[0]} rows for "
+                         f"{sel.repaired.shape[0]} groups")
+    shared = common_prefix_len(rows[1::2], rows[0::2], out[1::2])  # [P]
+    out[1::2] *= np.arange(rows.shape[1])[None, :] >= shared[:, None]
+    return out
+
+
+def prefix_histogram(rows, response_mask, sel: Selection, num_codes: int, prefix: str = "signals") -> Dict[str, float]:
+    """Counts of active groups by the common-prefix length (in tokens, ``0..num_codes``) of their boundary pair
+    (positive, hardest negative): how often +alpha and -alpha cancel on shared leading codes."""
+    rows = np.asarray(rows)
+    counts = np.zeros(num_codes + 1)
+    if rows.shape[0] == 2 * sel.repaired.shape[0] and sel.active_mask.any():
+        shared = np.minimum(common_prefix_len(rows[1::2], rows[0::2], np.asarray(response_mask)[1::2]), num_codes)
+        counts = np.bincount(shared[sel.active_mask], minlength=num_codes + 1)[: num_codes + 1]
+    return {f"{prefix}/pair_prefix_len_count/{k}": float(c) for k, c in enumerate(counts)}
+
+
+def entropy_rows(logits, allowed=None) -> np.ndarray:
+    """Entropy (nats) of ``softmax(logits [N, V])`` per row; with ``allowed [N, V]`` bool, of the distribution
+    renormalised over the allowed tokens (the SID-constrained policy the rollout and evaluation sample)."""
+    lg = np.asarray(logits, np.float64)
+    if allowed is not None:
+        lg = np.where(allowed, lg, -np.inf)
+    lg = lg - lg.max(axis=1, keepdims=True)
+    p = np.exp(lg)
+    p /= p.sum(axis=1, keepdims=True)
+    return -(p * np.where(p > 0, np.log(np.where(p > 0, p, 1.0)), 0.0)).sum(axis=1)
+
 
 # ----------------------------------------------------------------------------- diagnostics
 

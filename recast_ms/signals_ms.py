@@ -8,6 +8,8 @@ masked ``ReduceMin`` over an index ramp rather than relying on ``Argmax``'s tie 
 """
 from __future__ import annotations
 
+import numpy as np
+
 import mindspore as ms
 from mindspore import nn, ops
 
@@ -21,6 +23,7 @@ class RecastSelect(nn.Cell):
         repair (bool): replace the lowest-score response of an all-zero group by the anchor.
         negative (bool): give the hardest negative ``-alpha``; False gives it 0 (``anchor_only``: the
             positive alone is pushed up, the pair's second row carries no signal).
+        negative_weight (float): the negative gets ``-alpha * negative_weight`` (>= 0; 1 = ReCast).
 
     Inputs:
         - **rewards** (Tensor) - ``[P, G]`` float32 binary hits.
@@ -41,16 +44,23 @@ class RecastSelect(nn.Cell):
         >>> idx, adv, mask, *_ = sel(r, s, ms.Tensor([True, True]))
     """
 
-    def __init__(self, group_size: int, alpha: float = 1.0, repair: bool = True, negative: bool = True):
+    def __init__(self, group_size: int, alpha: float = 1.0, repair: bool = True, negative: bool = True,
+                 negative_weight: float = 1.0):
         super().__init__()
         if group_size < 2:
             raise ValueError(f"group size G must be >= 2, got {group_size}")
         if not alpha > 0:
             raise ValueError(f"alpha must be > 0, got {alpha}")
+        if not 0 <= negative_weight < float("inf"):
+            raise ValueError(f"negative_weight must be a finite number >= 0, got {negative_weight}")
         self.group_size = int(group_size)
         self.alpha = float(alpha)
         self.repair = bool(repair)
         self.negative = bool(negative)
+        self.negative_weight = float(negative_weight)
+        # rounded to float32 by numpy, as the reference's advantages are (a python list may round differently)
+        self.sign = ms.Tensor(np.array([[self.alpha, -self.alpha * self.negative_weight if self.negative else 0.0]],
+                                       np.float32))  # [1, 2]
         self.ramp = ms.Tensor(list(range(group_size)), ms.float32)  # [G]
         self.big = float(group_size)  # "no index" sentinel, larger than any real index
 
@@ -82,7 +92,6 @@ class RecastSelect(nn.Cell):
         neg, has_neg = self._first_index(scores, ops.logical_not(hit))
         active_mask = ops.logical_and(has_pos, has_neg)  # [P]
         active_index = ops.stack([pos, neg], axis=1)  # [P, 2]
-        sign = ms.Tensor([[self.alpha, -self.alpha if self.negative else 0.0]], ms.float32)  # [1, 2]
-        pair_adv = sign * active_mask.astype(ms.float32).expand_dims(1)  # [P, 2]
+        pair_adv = self.sign * active_mask.astype(ms.float32).expand_dims(1)  # [P, 2]
         anchor_index = ops.where(repaired, anchor, ops.full_like(anchor, -1))
         return active_index, pair_adv, active_mask, repaired, anchor_index, rewards, scores

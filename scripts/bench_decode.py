@@ -11,21 +11,12 @@ import logging
 import statistics
 import time
 
-from recast_ms.cli import configure_environment
-
-configure_environment()  # before MindSpore is imported below
-
-# pylint: disable=wrong-import-position
-import numpy as np
-
-from recast_ms.models.qwen3 import build_qwen3
-from recast_ms.models.qwen3_kv import Qwen3KVDecoder
-from recast_ms.rollout.decoder import FullForwardDecoder
-from recast_ms.rollout.engine import sample_groups
+from recast_ms.cli import add_verbose, command, setup_logging
 
 PAD, EOS = 0, 1
 
 
+@command
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-yaml", default="qwen3_tiny.yaml")
@@ -36,8 +27,16 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=40, help="longest prompt (lengths vary down to 3/4 of it)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-full", action="store_true", help="only time the KV decoder")
+    add_verbose(parser)
     args = parser.parse_args()
+    setup_logging(args.verbose)  # before MindSpore is imported below
     logging.disable(logging.INFO)  # MindFormers logs its whole converted config at INFO
+    import numpy as np
+
+    from recast_ms.models.qwen3 import build_qwen3
+    from recast_ms.models.qwen3_kv import Qwen3KVDecoder
+    from recast_ms.rollout.decoder import FullForwardDecoder
+    from recast_ms.rollout.engine import sample_groups
 
     seq_length = args.prompt_len + args.new_tokens  # the full forward's static length: just long enough
     model = build_qwen3(args.model_yaml, vocab_size=args.vocab, seq_length=seq_length, pad_token_id=PAD,

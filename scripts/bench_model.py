@@ -13,7 +13,7 @@ import argparse
 import json
 import time
 
-from recast_ms.cli import configure_environment, setup_logging
+from recast_ms.cli import add_verbose, command, setup_logging
 
 
 def _median_time(fn, iters):
@@ -47,11 +47,13 @@ def bench(config, args):
         model = build_qwen3(f"model_configs/{config}.yaml", vocab_size=V, seq_length=S, pad_token_id=0, eos_token_id=1, seed=0)
     rng = np.random.default_rng(0)
     ids = ms.Tensor(rng.integers(2, V, (B, S)).astype(np.int32))
+    # the SFT loss over every position after the first (response = S - 1 tokens): the whole sequence trains
+    resp_start = ms.Tensor(np.ones(B, np.int32))
     mask = ms.Tensor(np.ones((B, S - 1), np.float32))
-    opt = Optimizer(_sft_loss_cell(model), model.trainable_params(), lr=1e-4, name=f"bench_{config}")
+    opt = Optimizer(_sft_loss_cell(model, S - 1), model.trainable_params(), lr=1e-4, name=f"bench_{config}")
 
     def train_step():
-        loss, _ = opt.accumulate(ids, mask)
+        loss, _ = opt.accumulate(ids, resp_start, mask)
         opt.step(1e-4)
         loss.asnumpy()
 
@@ -74,8 +76,8 @@ def bench(config, args):
     }
 
 
+@command
 def main():
-    configure_environment()  # before MindSpore starts its runtime
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="qwen3_tiny,qwen3_10m")
     p.add_argument("--batch", type=int, default=16)
@@ -86,8 +88,9 @@ def main():
     p.add_argument("--decode-group", type=int, default=16)
     p.add_argument("--decode-new", type=int, default=4)
     p.add_argument("--decode-prompt-len", type=int, default=44)
+    add_verbose(p)
     args = p.parse_args()
-    setup_logging()
+    setup_logging(args.verbose)
     from recast_ms.trainer.setup import init_runtime
 
     init_runtime()

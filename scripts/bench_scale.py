@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 
+from recast_ms.cli import add_verbose, command, setup_logging
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STAGES = ("sft_step", "rl_grpo_step", "rl_recast_step", "beam_search")
@@ -53,10 +55,6 @@ def _config(args, run_dir, extra=()):
 
 
 def worker(args):
-    from recast_ms.cli import configure_environment, setup_logging
-
-    configure_environment()
-    setup_logging()
     from recast_ms.utils.tracking import peak_rss_mb
 
     run_dir = os.path.join(args.work_dir, args.stage)
@@ -130,6 +128,7 @@ def run_stage(stage, args):
     raise RuntimeError(f"stage {stage} failed (rc {proc.returncode}); stderr tail:\n{proc.stderr[-3000:]}")
 
 
+@command
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="model_configs/qwen3_0_6b.yaml")
@@ -146,7 +145,9 @@ def main():
     p.add_argument("--work-dir", default="/tmp/recast_bench_scale")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--stage", default="", help=argparse.SUPPRESS)
+    add_verbose(p)
     args = p.parse_args()
+    setup_logging(args.verbose)  # RECAST_VERBOSE reaches the stage processes
     os.makedirs(args.work_dir, exist_ok=True)
     if args.worker:
         return worker(args)

@@ -17,6 +17,8 @@ import os
 import subprocess
 import sys
 
+from recast_ms.cli import add_verbose, command, setup_logging
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -30,10 +32,6 @@ def worker_overrides(args):
 
 
 def worker(args):
-    from recast_ms.cli import configure_environment, setup_logging
-
-    configure_environment()
-    setup_logging()
     import numpy as np
 
     from recast_ms.config import load_config
@@ -80,11 +78,14 @@ def parse_args(argv=None):
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--estimator", default="recast", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", default="", help=argparse.SUPPRESS)
+    add_verbose(p)
     return p.parse_args(argv)
 
 
+@command
 def main(argv=None):
     args = parse_args(argv)
+    setup_logging(args.verbose)  # RECAST_VERBOSE reaches the worker processes
     if args.worker:
         return worker(args)
 

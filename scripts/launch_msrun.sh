@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Data-parallel RL under MindSpore's msrun, on one host (CPU workers over loopback).
+# Data-parallel RL or SFT under MindSpore's msrun (CPU workers over loopback, or Ascend devices).
 #
 #   scripts/launch_msrun.sh [--workers N] [--port P] [--addr A] [--log-dir DIR] [--script PATH] [--] ARGS...
 #   multi-node: [--worker_num N] [--local_worker_num L] [--node_rank R] [--master_addr A] [--master_port P]
@@ -14,23 +14,25 @@
 #   --master_addr A       the scheduler's address, reachable from every node (same as --addr)
 #   --master_port P       same as --port (multi-node: give it, every node must use the same)
 #   --dry-run      print the msrun command and the resolved runtime plan (scripts/show_plan.py: device,
-#                  DP x TP x PP, parallel context, dtypes, patches, rollout engine) and exit; exit 1 when
+#                  DP x TP x PP, parallel context, dtypes, patches, rollout engine) and exit; exit 2 when
 #                  the layout or the batch does not fit worker_num ranks. Needs no msrun.
 #   (hyphenated spellings --worker-num, --local-worker-num, --node-rank, --master-addr work too)
 #   --log-dir DIR  msrun's scheduler.log / worker_<rank>.log (default runs/msrun_logs/<date-time>)
-#   --script PATH  the worker script (default scripts/train_rl.py)
-#   ARGS           passed to the script unchanged; for scripts/train_rl.py `--distributed` is added
-#                  when missing.
+#   --script PATH  the worker script (default scripts/train_rl.py; scripts/sft.py for SFT)
+#   ARGS           passed to the script unchanged; for scripts/train_rl.py and scripts/sft.py
+#                  `--distributed` is added when missing.
 #
-# Example (2 workers, each rolls out its own rl.prompts_per_step prompts; gradients are averaged):
+# Examples (2 workers; rl.prompts_per_step and sft.batch_size are the GLOBAL batch of one step, each
+# rank takes its 1/N share of it, whole groups; gradients are averaged, metrics reduced over ranks):
 #
-#   scripts/launch_msrun.sh --workers 2 -- --init runs/sft --run-dir runs/rl_dp rl.estimator=recast
+#   scripts/launch_msrun.sh --workers 2 --script scripts/sft.py -- --run-dir runs/sft_dp
+#   scripts/launch_msrun.sh --workers 2 -- --init runs/sft_dp --run-dir runs/rl_dp rl.estimator=recast
 #
-# Only rank 0 logs metrics, evaluates and saves checkpoints; every rank writes
+# Only rank 0 logs metrics, evaluates and saves checkpoints; every RL rank writes
 # <run-dir>/param_checksum_rank<r>.json at the end (equal checksums = the ranks stayed in sync).
-# MindSpore/MindFormers stay in stand-alone parallel mode: the optimizer cell all-reduces the
-# accumulated gradients itself (recast_ms/trainer/optim.py). scripts/sft.py has no data-parallel
-# path (it would only run N identical copies), so it is refused here: run it directly.
+# MindSpore/MindFormers stay in stand-alone parallel mode on CPU and, for data-parallel layouts
+# (TP = PP = 1), on Ascend: the optimizer cell all-reduces the accumulated gradients itself
+# (recast_ms/trainer/optim.py; MCCL on CPU, HCCL on Ascend).
 # MS_NODE_TIMEOUT (seconds, default here 3600; MindSpore's own default is 30) bounds how long a CPU
 # collective waits for the other ranks: rank 0 evaluates and saves alone while the others wait in the
 # next step's gradient AllReduce, so with MindSpore's 30 s a longer evaluation kills the run
@@ -97,13 +99,10 @@ if [[ $DRY_RUN == 1 ]]; then
   exec "$PYTHON" "$ROOT/scripts/show_plan.py" --world-size "$WORKERS" "$@"
 fi
 command -v msrun >/dev/null 2>&1 || die "msrun not found on PATH (it comes with mindspore)"
-case "$(basename "$SCRIPT")" in
-  sft.py) die "scripts/sft.py is single-process (no data-parallel path); run it directly" ;;
-esac
 [[ -f "$SCRIPT" ]] || die "no script $SCRIPT"
 
 ARGS=("$@")
-if [[ "$(basename "$SCRIPT")" == "train_rl.py" ]]; then
+if [[ "$(basename "$SCRIPT")" == "train_rl.py" || "$(basename "$SCRIPT")" == "sft.py" ]]; then
   have_dist=0
   for a in "${ARGS[@]+"${ARGS[@]}"}"; do [[ "$a" == "--distributed" ]] && have_dist=1; done
   [[ $have_dist == 1 ]] || ARGS=(--distributed "${ARGS[@]+"${ARGS[@]}"}")

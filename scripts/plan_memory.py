@@ -17,14 +17,48 @@ The layout is the model YAML's TP / PP / recompute / optimizer parallel with DP 
 """
 import argparse
 import json
+import math
+import os
 import sys
 
+import yaml
+
+from recast_ms.cli import command
+from recast_ms.config import REPO_ROOT, ConfigError
 
 
 def _tri(v):
     return None if v == "auto" else v == "true"
 
 
+def check_args(args) -> None:
+    """Numbers the planner would turn into NaN, negative terms or a traceback; each a one-line ConfigError."""
+    from recast_ms.runtime import read_model_yaml
+
+    for ok, msg in ((args.devices >= 1, f"--devices must be >= 1, got {args.devices}"),
+                    (math.isfinite(args.device_memory_gb) and args.device_memory_gb > 0,
+                     f"--device-memory-gb must be a finite number > 0, got {args.device_memory_gb}"),
+                    (args.group_size >= 2, f"--group-size must be >= 2 (G responses per prompt), got {args.group_size}"),
+                    (args.prompts >= 1, f"--prompts must be >= 1, got {args.prompts}"),
+                    (args.micro_batch_size >= 1, f"--micro-batch-size must be >= 1, got {args.micro_batch_size}"),
+                    (args.seq_length is None or args.seq_length >= 1, f"--seq-length must be >= 1, got {args.seq_length}")):
+        if not ok:
+            raise ConfigError(msg)
+    path = args.model if os.path.isabs(args.model) else os.path.join(REPO_ROOT, args.model)
+    if not os.path.isfile(path):
+        raise ConfigError(f"--model {args.model}: no such file ({path})")
+    try:
+        read_model_yaml(path)
+    except ValueError as err:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+        if isinstance(raw, dict) and "model_config" in raw:
+            raise ConfigError(f"--model {args.model} is a run YAML: give its model YAML, "
+                              f"--model {raw['model_config']}") from None
+        raise ConfigError(f"--model {args.model} is not a model YAML (model_configs/*.yaml): {err}") from None
+
+
+@command
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="model_configs/qwen3_8b.yaml")
@@ -45,15 +79,23 @@ def main(argv=None):
     from recast_ms import memory_plan as mp
 
     if args.add_record:
-        print(json.dumps(mp.add_record(json.loads(args.add_record)), indent=1))
+        try:
+            record = mp.add_record(json.loads(args.add_record))
+        except ValueError as err:  # not JSON, or a key missing
+            raise ConfigError(f"--add-record: {err}") from None
+        print(json.dumps(record, indent=1))
         return 0
     if args.calibrate:
         print(json.dumps(mp.calibrate(), indent=1))
         return 0
-    rep = mp.plan_report(args.model, args.devices, args.device_memory_gb, group_size=args.group_size,
-                         prompts=args.prompts, micro_batch_size=args.micro_batch_size, seq_length=args.seq_length,
-                         kl=not args.no_kl, optimizer_parallel=_tri(args.optimizer_parallel),
-                         recompute=_tri(args.recompute))
+    check_args(args)
+    try:
+        rep = mp.plan_report(args.model, args.devices, args.device_memory_gb, group_size=args.group_size,
+                             prompts=args.prompts, micro_batch_size=args.micro_batch_size, seq_length=args.seq_length,
+                             kl=not args.no_kl, optimizer_parallel=_tri(args.optimizer_parallel),
+                             recompute=_tri(args.recompute))
+    except ValueError as err:  # the memory plan's own checks (layout vs devices, a null vocab_size)
+        raise ConfigError(str(err)) from None
     print(mp.format_report(rep))
     print(mp.summary_json(rep))
     return 0

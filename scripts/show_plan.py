@@ -7,16 +7,18 @@
 Takes the worker script's own arguments (``--config`` / ``--init`` / overrides; others are ignored). The run
 config is ``--config``, else ``<init>/config.yaml``, else the defaults. ``--device`` plans for that device
 instead of resolving ``runtime.device_target`` (``auto`` = Ascend only where MindSpore can use it), so an
-Ascend plan can be checked on a CPU machine. Prints the plan as indented JSON, then one JSON line; exit 1
-with the reason when the layout or the batch does not fit the world size.
+Ascend plan can be checked on a CPU machine. Prints the plan as indented JSON, then one JSON line; exit 2
+with the reason (one line) when the layout or the batch does not fit the world size.
 """
 import argparse
 import json
 import os
 import sys
 
+from recast_ms.cli import command
 
 
+@command  # a plan that does not fit (PlanError) is one line, exit 2
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world-size", type=int, required=True, help="total ranks (msrun worker_num)")
@@ -26,7 +28,7 @@ def main(argv=None):
     args, rest = p.parse_known_args(argv)
     overrides = [a for a in rest if "=" in a and not a.startswith("-")]
     from recast_ms.config import load_config
-    from recast_ms.runtime import PlanError, plan_runtime, resolve_device
+    from recast_ms.runtime import plan_runtime, resolve_device
 
     path = args.config
     if path is None and args.init and os.path.exists(os.path.join(args.init, "config.yaml")):
@@ -36,11 +38,7 @@ def main(argv=None):
         device, why = args.device, "--device"
     else:
         device, why = resolve_device(cfg.runtime.device_target)
-    try:
-        plan = plan_runtime(cfg, device, args.world_size)
-    except PlanError as err:
-        print(f"show_plan: {err}", file=sys.stderr)
-        return 1
+    plan = plan_runtime(cfg, device, args.world_size)
     d = plan.to_dict()
     d["device_reason"] = why
     d["config"] = path or "<defaults>"

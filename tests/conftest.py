@@ -7,3 +7,8 @@ makes a bare ``pytest`` behave like the README's command.
 from recast_ms.cli import configure_environment
 
 configure_environment()  # MS_DEV_HOST_BLOCKING_RUN=1, GLOG_v=3: what every command applies at start-up
+
+
+def pytest_configure(config):
+    # run by CI like every other test (no skip-by-default); `-m "not slow"` leaves them out of a quick local loop
+    config.addinivalue_line("markers", "slow: runs a script or command end to end (seconds to a minute each)")

@@ -38,6 +38,25 @@ def test_unknown_keys_are_named(tmp_path):
         load_config(None, ["rl.group_size"])
 
 
+def test_every_config_error_is_a_config_error(tmp_path):
+    """The commands print a ConfigError as one line (exit 2): every user-fixable config problem must be one."""
+    from recast_ms.config import ConfigError
+
+    (tmp_path / "bad.yaml").write_text("rl: [1\n")
+    for path, overrides, match in ((None, ["sft.group_size=3"], r"sft\.group_size \(did you mean rl\.group_size\?\)"),
+                                   (None, ["rl.seq_length=8"], r"rl\.seq_length \(did you mean seq_length\?\)"),
+                                   (None, ["rll.lr=1"], r"rll \(did you mean rl\?\)"),
+                                   (None, ["rl.lr=inf"], "rl.lr: expected a finite number"),
+                                   (None, ["rl.lr=["], "not a YAML scalar or list"),
+                                   (None, ["rl.group_size=1"], "rl.group_size must be >= 2"),
+                                   (str(tmp_path / "missing.yaml"), [], "config file not found"),
+                                   (str(tmp_path), [], "config file .*: Is a directory"),
+                                   (str(tmp_path / "bad.yaml"), [], "not valid YAML")):
+        with pytest.raises(ConfigError, match=match) as exc:
+            load_config(path, overrides)
+        assert "\n" not in str(exc.value)
+
+
 @pytest.mark.parametrize("override, message", [
     ("rl.group_size=abc", "rl.group_size: expected an integer"),
     ("rl.group_size=2.5", "rl.group_size: expected an integer"),

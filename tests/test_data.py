@@ -332,3 +332,37 @@ def test_catalogue_and_dataset_errors_name_the_file(tmp_path):
         index.write_text(text)
         with pytest.raises(ValueError, match=r"Tiny\.index\.json: not a valid JSON file"):
             load_amazon("Tiny", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- inputs (issue 21)
+
+
+def test_exact_duplicate_rows_are_dropped_and_reported(tmp_path, caplog):
+    u1 = _row("U1", [0, 1, 2], 3)
+    valid_rows = [u1, _row("U2", [0, 1], 2), u1, u1]  # lines 2-5: U1's row three times
+    test_rows = [_row("U1", [0, 1, 2, 3], 4), _row("U2", [0, 1, 2], 3), _row("U2", [0, 1, 2], 3)]
+    _write_dataset(tmp_path, valid_rows, test_rows)
+    with caplog.at_level(logging.WARNING, logger="recast_ms.data.amazon"):
+        splits = load_amazon("Tiny", tmp_path)
+    rep = splits.report
+    assert [s.user_id for s in splits.valid] == ["U1", "U2"]  # before: U1, U2, U1, U1
+    assert [s.user_id for s in splits.test] == ["U1", "U2"]  # before: each U2 test row evaluated twice
+    valid, test = "Tiny_5_2016-10-2018-11.valid.csv", "Tiny_5_2016-10-2018-11.test.csv"
+    assert rep.duplicate_rows == [(valid, 4, 2), (valid, 5, 2), (test, 4, 3)]
+    assert rep.counts["duplicates_dropped"] == 3 and rep.num_malformed == 1  # the broken index entry only
+    assert rep.rows_read == {valid: 4, test: 3} and rep.rows_kept == {valid: 2, test: 2}
+    assert f"{valid}: dropped 2 exact duplicate rows, e.g. line 4 repeats line 2, line 5 repeats line 2" in caplog.text
+    assert "duplicates_dropped=3" in rep.summary()
+    assert rep.counts["chain_breaks"] == 0  # U1's chain is read without its copies
+
+
+def test_long_first_history_gives_windowed_transitions(tmp_path):
+    """Issue 21: an n-item first history made n transitions of up to n items (quadratic memory)."""
+    history = [i % 4 for i in range(5_000)]  # 10,000 SIDs would exceed the csv module's field limit
+    _write_dataset(tmp_path, [_row("U1", history, 4)], [_row("U2", [0, 1, 2], 3)])
+    splits = load_amazon("Tiny", tmp_path)
+    u1 = [s for s in splits.train if s.user_id == "U1"]
+    assert u1 and max(len(s.history_items) for s in u1) == 10  # upstream's window
+    assert all(s.history_items == tuple(history[max(0, i - 10): i]) and s.target_items == (history[i],)
+               for s, i in zip(u1, range(1, 11)))
+    assert len(u1) == 9 + 4  # distinct (history, next) pairs of a period-4 sequence: 9 short ones, 4 full windows

@@ -74,7 +74,7 @@ def test_analysis_golden_values_and_verdicts():
     assert res["secondary"]["anchor_only - grpo"]["metrics"]["pass@32"]["mean"] == pytest.approx(0.0, abs=1e-12)
     assert res["secondary_metrics"]["pass@10"]["mean"] == pytest.approx(0.010)  # pass@10 moves with pass@1 here
     assert res["curves"]["recast"]["pass@1"]["20"]["mean"] == pytest.approx(0.080)
-    assert res["curves"]["grpo"]["pass@1"]["160"]["sd"] == pytest.approx(np.std(GRPO))
+    assert res["curves"]["grpo"]["pass@1"]["160"]["sd"] == pytest.approx(np.std(GRPO, ddof=1))  # as the verdict's
     tr = res["training"]["recast"]["reward/mean"]
     assert tr["first20_mean"] == pytest.approx(0.04) and tr["last20_mean"] == pytest.approx(0.05)
     assert res["training"]["recast"]["signals/repair_trigger_ratio"]["last20_mean"] == pytest.approx(0.9)
@@ -181,6 +181,26 @@ def test_run_grid_refuses_decisive_without_tuned_lr(tmp_path):
                         "--out", str(tmp_path / "g")], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "rl.lr=" in r.stderr and "PLAN.md" in r.stderr
     assert not (tmp_path / "g" / "sft").exists()  # refused before any SFT or cell started
+
+
+def test_report_only_keeps_the_recorded_lr(tmp_path):
+    """A report-only run of a finished decisive grid without rl.lr reads the lr recorded in preset.json and
+    never rewrites the file."""
+    preset = PRESETS["decisive"]
+    sft = str(tmp_path / "sft")
+    arms = _arms()
+    for name, c in plan_cells(preset, {"tiny@industrial": sft}, str(tmp_path)).items():
+        d = tmp_path / "cells" / name
+        d.mkdir(parents=True)
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in arms[c["arm"]][c["seed"]]) + "\n")
+    recorded = json.dumps({"preset": "decisive", "overrides": ["rl.lr=1e-4"], "sft_dirs": {"tiny@industrial": sft}})
+    (tmp_path / "preset.json").write_text(recorded)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "run_grid.py"), "--preset", "decisive",
+                        "--out", str(tmp_path), "--report-only"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "preset.json").read_text() == recorded
+    assert f"overrides recorded in {tmp_path / 'preset.json'}: rl.lr=1e-4" in r.stdout
+    assert json.loads((tmp_path / "verdict.json").read_text())["cells_finished"] == 19
 
 
 def test_eval_subset_is_seeded_random_and_stable():

@@ -1,8 +1,11 @@
-"""The experiment grid's quick preset runs end to end (what CI affords), resumes, and reports."""
+"""The experiment grid's quick preset runs end to end (what CI affords), resumes, and reports; an interrupted
+grid stops its cell; ``--report-only`` reads finished cells and writes nothing else."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -70,10 +73,10 @@ def test_full_preset_plan():
     assert all(os.path.exists(os.path.join(ROOT, s["config"])) for s in preset["sft"].values())
 
 
-def _fake_cell(tmp_path, sft, est, G, seed, p1_end, tokens, update_s, all_zero=(0.9, 0.8)):
+def _fake_cell(tmp_path, sft, est, G, seed, p1_end, tokens, update_s, all_zero=(0.9, 0.8), run_dir=None):
     """A cell directory with a metrics.jsonl shaped like the trainer's: evals at 0/10/20, 20 train steps."""
-    d = tmp_path / f"{sft}_{est}_{G}_{seed}"
-    d.mkdir()
+    d = run_dir or tmp_path / f"{sft}_{est}_{G}_{seed}"
+    d.mkdir(parents=True)
     rows = [{"step": 0, "eval/pass@1": 0.05, "eval/pass@10": 0.1, "eval/num_prompts": 500.0}]
     for s in range(1, 21):
         r = {"step": s, "reward/mean": 0.01, "signals/all_zero_group_ratio": all_zero[0] if s <= 10 else all_zero[1],
@@ -125,3 +128,165 @@ def test_report_sections_from_logged_numbers(tmp_path):
     out = tmp_path / "out"
     assert (out / "figures" / "group_size_big-d.png").stat().st_size > 0
     assert json.loads((out / "results.json").read_text())["matched_budget_ratio"]["big@d|G16|recast"][1] == 1.0
+
+
+QUICK_CELLS = ["micro-synthetic_grpo_G4_s0", "micro-synthetic_recast_G4_s0", "micro-synthetic_grpo_G4_s1",
+               "micro-synthetic_recast_G4_s1"]
+# the grid with its sys.executable replaced by argv[1]: each stage it starts runs that program instead of Python;
+# SIGINT handled as in a terminal's foreground job (a background job started by a shell script ignores it)
+WITH_PYTHON = ("import runpy, signal, sys; sys.executable = sys.argv.pop(1); "
+               "signal.signal(signal.SIGINT, signal.default_int_handler); "
+               "runpy.run_module('recast_ms.commands.grid', run_name='__main__', alter_sys=True)")
+
+
+def _grid(args, python=None):
+    """``recast-grid --preset quick ARGS`` (stages run ``python`` when given), as a process."""
+    cmd = [sys.executable] + (["-c", WITH_PYTHON, str(python)] if python else
+                              [os.path.join(ROOT, "scripts", "run_grid.py")])
+    return cmd + ["--preset", "quick"] + list(args)
+
+
+def _fake_sft(tmp_path):
+    """A finished SFT run as ``--sft`` accepts it (the stages that would load it are fakes)."""
+    step = tmp_path / "sft" / "checkpoints" / "step_10"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text(json.dumps({"step": 10, "phase": "sft"}))
+    return f"micro@synthetic={tmp_path / 'sft'}"
+
+
+def _fake_program(tmp_path, body):
+    path = tmp_path / "fake_python"
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+    return path
+
+
+def _stat(pid):
+    """(state, ppid, command name) of a live process, or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    name, rest = stat.split("(", 1)[1].rsplit(")", 1)
+    state, ppid = rest.split()[:2]
+    return None if state == "Z" else (state, int(ppid), name)
+
+
+def _children(pid):
+    return [int(d) for d in os.listdir("/proc") if d.isdigit() and (_stat(d) or (0, 0))[1] == pid]
+
+
+@pytest.mark.parametrize("signum,cell_body", [
+    (signal.SIGINT, "exec sleep 120"),
+    (signal.SIGTERM, "trap '' TERM\nexec sleep 120"),  # a cell that ignores TERM is KILLed after the grace period
+])
+def test_interrupted_grid_stops_its_cell(tmp_path, signum, cell_body):
+    out = tmp_path / "g"
+    grid = subprocess.Popen(_grid(["--out", str(out), "--sft", _fake_sft(tmp_path)],
+                                  _fake_program(tmp_path, cell_body)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
+    child = None
+    try:
+        deadline = time.time() + 60
+        while child is None and time.time() < deadline and grid.poll() is None:
+            child = next((c for c in _children(grid.pid) if (_stat(c) or (0, 0, ""))[2] == "sleep"), None)
+            time.sleep(0.05)
+        assert child is not None, grid.communicate(timeout=30)
+        grid.send_signal(signum)
+        _, err = grid.communicate(timeout=60)
+        deadline = time.time() + 10  # the grid waits 5 s for TERM before it KILLs
+        while _stat(child) and time.time() < deadline:
+            time.sleep(0.05)
+        assert _stat(child) is None, f"cell process {child} outlived the grid: {err}"
+        assert grid.returncode == 128 + signum, err
+        assert f"cell {QUICK_CELLS[0]}: interrupted by {signal.Signals(signum).name}" in err
+        assert "rerun the same command to resume it" in err
+        # what a rerun needs to resume: the plan it ran with
+        assert json.loads((out / "preset.json").read_text())["sft_dirs"] == {"micro@synthetic": str(tmp_path / "sft")}
+    finally:
+        if grid.poll() is None:
+            grid.kill()
+            grid.wait()
+        if child is not None and _stat(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_a_cell_that_exits_0_unfinished_is_a_failure_not_done(tmp_path):
+    r = subprocess.run(_grid(["--out", str(tmp_path / "g"), "--sft", _fake_sft(tmp_path)],
+                             _fake_program(tmp_path, "exit 0")),
+                       capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
+    assert r.returncode != 0 and r.stdout.count("FAILED (exit 0 without its step-3 evaluation)") == 4, r.stdout
+    assert "done" not in r.stdout and "no report written" in r.stdout and "report:" not in r.stdout
+    assert "failed cells: " + ", ".join(QUICK_CELLS) in r.stderr
+    assert not (tmp_path / "g" / "report.md").exists()
+
+
+def _tree(path):
+    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*")}
+
+
+def test_report_only_with_no_finished_cell_is_an_error_that_writes_nothing(tmp_path):
+    out = tmp_path / "g"
+    r = subprocess.run(_grid(["--out", str(out), "--report-only"]), capture_output=True, text=True,
+                       cwd=str(tmp_path), timeout=120)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and f"--out {out}: no such directory" in r.stderr
+    assert not out.exists()
+    # a grid whose first cell stopped before its last evaluation; the others never started
+    cell = out / "cells" / QUICK_CELLS[0]
+    cell.mkdir(parents=True)
+    (cell / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/pass@1": 0.1}) + "\n"
+                                        + json.dumps({"step": 1, "reward/mean": 0.0}) + "\n")
+    before = _tree(out)
+    r = subprocess.run(_grid(["--out", str(out), "--report-only"]), capture_output=True, text=True,
+                       cwd=str(tmp_path), timeout=120)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "no finished cell" in r.stderr and f"step 3 in {cell}/metrics.jsonl" in r.stderr
+    assert "done" not in r.stdout
+    assert _tree(out) == before  # no preset.json, logs/, report or figures
+    (out / "preset.json").write_text(json.dumps({"preset": "full", "overrides": []}))  # another grid's directory
+    r = subprocess.run(_grid(["--out", str(out), "--report-only"]), capture_output=True, text=True,
+                       cwd=str(tmp_path), timeout=120)
+    assert r.returncode == 2 and "the grid there ran --preset full, not --preset quick" in r.stderr
+
+
+def _finished_quick_grid(tmp_path):
+    """A quick-preset grid directory whose 4 cells finished 20 steps (the steps recorded in preset.json)."""
+    out = tmp_path / "g"
+    for name in QUICK_CELLS:
+        est, seed = name.split("_")[1], int(name[-1])
+        _fake_cell(tmp_path, "micro@synthetic", est, 4, seed, 0.07, 64, 0.5, run_dir=out / "cells" / name)
+    (out / "preset.json").write_text(json.dumps({"preset": "quick", "overrides": ["rl.steps=20"],
+                                                 "sft_dirs": {"micro@synthetic": str(tmp_path / "sft")}}))
+    return out
+
+
+def test_report_only_skips_a_cut_last_line_and_names_a_corrupt_one(tmp_path):
+    out = _finished_quick_grid(tmp_path)
+    cut = out / "cells" / QUICK_CELLS[3] / "metrics.jsonl"  # killed while writing its step-20 row
+    cut.write_text(cut.read_text()[:-40])
+    preset = (out / "preset.json").read_text()
+    r = subprocess.run(_grid(["--out", str(out), "--report-only"]), capture_output=True, text=True,
+                       cwd=str(tmp_path), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"{cut}: line 21 is cut short" in r.stderr
+    assert f"{QUICK_CELLS[3]}: not finished" in r.stdout and r.stdout.count(": finished\n") == 3
+    assert "3/4 cells finished" in r.stdout
+    assert "rl.steps=20" in r.stdout  # planned with the recorded overrides: 20 steps, not the preset's 3
+    assert len(json.loads((out / "results.json").read_text())["cells"]) == 3
+    assert (out / "preset.json").read_text() == preset
+    bad = out / "cells" / QUICK_CELLS[0] / "metrics.jsonl"
+    lines = bad.read_text().splitlines(keepends=True)
+    bad.write_text("".join(lines[:4] + ['{"step": 4, "reward/me\n'] + lines[5:]))
+    r = subprocess.run(_grid(["--out", str(out), "--report-only"]), capture_output=True, text=True,
+                       cwd=str(tmp_path), timeout=300)
+    assert r.returncode == 2 and f"{bad}: line 5 is not JSON" in r.stderr.splitlines()[-1], r.stderr
+
+
+def test_resume_drops_a_cut_short_metrics_line(tmp_path):
+    from recast_ms.utils.tracking import MetricsLogger, read_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "x": s / 3}) + "\n" for s in range(3)) + '{"step": 3, "x')
+    MetricsLogger(str(tmp_path), resume_step=1, tensorboard=False).close()
+    assert read_jsonl(str(path)) == [{"step": 0, "x": 0.0}, {"step": 1, "x": 1 / 3}]

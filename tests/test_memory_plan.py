@@ -155,6 +155,9 @@ def test_plan_memory_cli_issue_command(capsys):
 def test_report_flags_a_batch_dp_cannot_split():
     rep = mp.plan_report("model_configs/qwen3_0_6b.yaml", 64, 64, group_size=32, prompts=16)
     assert rep["layout"]["dp"] == 64
-    assert rep["grpo"]["batch_divides"] is True and rep["recast"]["batch_divides"] is False  # 128 / 32 rows, DP 64
+    # the data-parallel path: each rank owns P / DP whole groups, 16 prompts cannot split over 64 ranks
+    assert rep["grpo"]["batch_divides"] is False and rep["recast"]["batch_divides"] is False
     rep = mp.plan_report("model_configs/qwen3_0_6b.yaml", 8, 64, group_size=32, prompts=16)
     assert rep["grpo"]["batch_divides"] and rep["recast"]["batch_divides"]
+    # each rank runs micro-batches of min(micro_batch_size, its 64 / 4 rows), not a DP slice of one global one
+    assert (rep["grpo"]["micro_rows"], rep["recast"]["micro_rows"]) == (8 * 64, 8 * 4)

@@ -103,6 +103,91 @@ def test_two_workers_stay_in_sync_and_train(tmp_path):
           f"RL {c0:.4f}/{c1:.4f}")
 
 
+def _model_tensors(run_dir) -> dict:
+    from recast_ms.trainer import checkpoint as ckpt
+
+    path = ckpt.latest_checkpoint(str(run_dir))
+    assert path is not None, f"{run_dir}: no checkpoint"
+    return {k: v for k, v in ckpt.load_state(path)[0].items() if k.startswith("model/")}
+
+
+def _assert_same_step(one, two, before, lr, what):
+    """Parameters after one step of one process (``one``) and of 2 ranks (``two``) agree to fp32 tolerance.
+
+    AdamW's first step moves each weight by about ``lr * g / |g|``: where a gradient is ~0 its sign is fp32
+    rounding noise (summation order differs between 1 and 2 ranks), so the bound is 2% of one step (``lr``), far
+    below a different batch, which moves most weights by the full ``lr`` the other way."""
+    assert one.keys() == two.keys()
+    diff = max(float(np.abs(one[k] - two[k]).max()) for k in one)
+    close = sum(int((np.abs(one[k] - two[k]) <= 1e-6).sum()) for k in one) / sum(v.size for v in one.values())
+    assert diff < 0.02 * lr, f"{what}: 1 process vs 2 ranks differ by {diff} = {diff / lr:.3f} x lr"
+    moved = None
+    if before is not None:
+        moved = max(float(np.abs(one[k] - before[k]).max()) for k in one)
+        assert moved > 0.5 * lr, f"{what}: the step moved the weights by {moved} only (lr {lr})"
+    return diff, close, moved
+
+
+def _last_metrics(path) -> dict:
+    return json.loads(path.read_text().splitlines()[-1])
+
+
+@pytest.mark.skipif(shutil.which("msrun") is None, reason="msrun (shipped with mindspore) is not on PATH")
+def test_two_ranks_equal_one_process_over_the_global_batch(tmp_path):
+    """One batch semantics: rl.prompts_per_step / sft.batch_size are global. One step on 2 msrun ranks equals
+    one step of one process over the same global batch: SFT, the whole-group GRPO path (4 resp. 2 micro-batches,
+    the buffered optimizer) and ReCast (one micro-batch, the fused step); each prompt is drawn by exactly one rank
+    and logged metrics are the global batch's. Before: each rank drew its own P prompts with its own seed.
+
+    The whole-group run is ``repair_only`` (GRPO's advantages; all-zero groups get the ground-truth anchor):
+    from a 1-step SFT model plain ``grpo`` samples no hit among 300 SIDs, so its gradient is exactly zero and
+    the comparison would prove nothing. Both share every line of the buffered path."""
+    from recast_ms.config import load_config
+    from recast_ms.data.batching import EpochSampler
+    from recast_ms.trainer.setup import load_splits
+
+    t0 = time.time()
+    cfg = load_config(None, COMMON)
+    sft = COMMON + ["sft.steps=1", "sft.batch_size=8", "sft.warmup_steps=0", "sft.save_every=1", "sft.log_every=1",
+                    "sft.eval_every=1"]
+    one, two = tmp_path / "sft_1", tmp_path / "sft_2"
+    rc, out, to = _run([sys.executable, os.path.join(ROOT, "scripts", "sft.py"), "--run-dir", str(one), *sft],
+                       tmp_path, TIMEOUT_S)
+    assert rc == 0 and not to, out[-5000:]
+    logs = tmp_path / "logs_sft"
+    rc, out, to = _run(["bash", LAUNCHER, "--workers", "2", "--log-dir", str(logs), "--script",
+                        os.path.join(ROOT, "scripts", "sft.py"), "--", "--run-dir", str(two), *sft], tmp_path, TIMEOUT_S)
+    assert rc == 0 and not to, f"{out[-3000:]}\n{_worker_logs(logs)}"
+    report = [("sft", *_assert_same_step(_model_tensors(one), _model_tensors(two), None, cfg.sft.lr, "SFT"))]
+    m1, m2 = _last_metrics(one / "sft_metrics.jsonl"), _last_metrics(two / "sft_metrics.jsonl")
+    assert m2["sft/loss"] == pytest.approx(m1["sft/loss"], rel=1e-5), (m1, m2)
+    init = _model_tensors(one)
+
+    n_prompts = len(load_splits(cfg.data).valid[: cfg.data.max_rl_prompts or None])
+    for est, micro in (("repair_only", 4), ("recast", 8)):
+        rl = COMMON + ["rl.steps=1", "rl.prompts_per_step=4", "rl.group_size=4", f"rl.micro_batch_size={micro}",
+                       f"rl.estimator={est}"]
+        one, two, logs = tmp_path / f"rl_{est}_1", tmp_path / f"rl_{est}_2", tmp_path / f"logs_{est}"
+        rc, out, to = _run([sys.executable, os.path.join(ROOT, "scripts", "train_rl.py"), "--init",
+                            str(tmp_path / "sft_1"), "--run-dir", str(one), "--fresh", "--no-eval", *rl], tmp_path,
+                           TIMEOUT_S)
+        assert rc == 0 and not to, out[-5000:]
+        rc, out, to = _run(["bash", LAUNCHER, "--workers", "2", "--log-dir", str(logs), "--", "--init",
+                            str(tmp_path / "sft_1"), "--run-dir", str(two), "--fresh", "--no-eval", *rl], tmp_path,
+                           TIMEOUT_S)
+        assert rc == 0 and not to, f"{out[-3000:]}\n{_worker_logs(logs)}"
+        report.append((est, *_assert_same_step(_model_tensors(one), _model_tensors(two), init, cfg.rl.lr, est)))
+        m1, m2 = _last_metrics(one / "metrics.jsonl"), _last_metrics(two / "metrics.jsonl")
+        for key in ("reward/mean", "signals/all_zero_group_ratio", "actor/loss", "actor/grad_norm"):
+            assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-6), (est, key, m1[key], m2[key])
+        assert m2["actor/rows"] == m1["actor/rows"]  # the global actor batch, summed over ranks
+        prompts = [json.loads((two / f"param_checksum_rank{r}.json").read_text())["last_step_prompts"] for r in (0, 1)]
+        # disjoint halves of the one global order: every prompt once per step
+        assert prompts[0] + prompts[1] == list(EpochSampler(n_prompts, 4, cfg.seed).at(0)), prompts
+    print(f"1 process vs 2 ranks in {time.time() - t0:.0f}s; (what, max |diff|, share within 1e-6, max |step|): "
+          f"{report}")
+
+
 def _running(marker: str):
     """Pids of live processes whose command line contains ``marker`` (a path unique to one test)."""
     out = []

@@ -148,3 +148,120 @@ def test_anchor_only_raises_the_positive_and_leaves_the_negative_without_loss(tm
     assert m["actor/rows"] == 2 * P and m["actor/response_tokens"] == mask[:, 0].sum()
     delta = (_seq_logps(tr, batch) - before).reshape(P, 2)
     assert (delta[live, 0] > 0).all(), delta
+
+
+def test_beam_group_larger_than_catalogue_is_refused_before_anything_is_written(tmp_path):
+    """Issue 21: this failed only at the first rollout, after the tokenizer and the run files were written."""
+    from recast_ms.config import ConfigError
+    from recast_ms.trainer.setup import load_splits
+
+    num_sids = len(load_splits(_cfg().data).codebook.sid_to_items)  # 300 on this synthetic catalogue
+    over = {"rl.rollout": "beam", "rl.group_size": num_sids + 1, "rl.prompts_per_step": 1, "rl.micro_batch_size": 2}
+    with pytest.raises(ConfigError, match=rf"^rl\.group_size={num_sids + 1} exceeds the {num_sids} distinct item SIDs"):
+        _trainer(tmp_path, "run", **over)
+    assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "tok").exists()
+    _trainer(tmp_path, "ok", **{**over, "rl.group_size": num_sids})  # a catalogue of exactly G is enough
+
+
+def test_run_without_valid_responses_stops_instead_of_training_on_nothing(tmp_path, caplog):
+    """Issue 21: unconstrained rollouts of an untrained policy name no item; GRPO then has no signal at all."""
+    from recast_ms.trainer.rl import BARREN_STEPS
+
+    tr = _trainer(tmp_path, "barren", **{"rl.estimator": "grpo", "rl.constrained": False, "rl.prompts_per_step": 2,
+                                         "rl.group_size": 2, "rl.steps": BARREN_STEPS + 2, "rl.save_every": 100})
+    with pytest.raises(RuntimeError, match=rf"{BARREN_STEPS} steps in a row without a valid rollout response"):
+        tr.train(evaluate=False)  # before: exit 0 after every step had grad norm 0
+    assert tr.step_idx == BARREN_STEPS
+    assert "step 1: no rollout response names a catalogue item (rl.constrained=False)" in caplog.text
+
+
+# ----------------------------------------------------------------------------- the negative row's knobs (issue 24)
+
+
+def _params(tr):
+    return {p.name: p.asnumpy().copy() for p in tr.model.trainable_params()}
+
+
+def test_negative_weight_zero_is_the_anchor_only_step(tmp_path):
+    """Weight 0 takes the negative's loss away and nothing else: the same batch and the same weights after the
+    step as anchor_only; weight 1 is ReCast's batch, its negative pushed down."""
+    zero = _trainer(tmp_path, "w0", **{"rl.estimator": "recast", "rl.negative_weight": 0.0})
+    anchor = _trainer(tmp_path, "ao", **{"rl.estimator": "anchor_only"})
+    bz, ba = zero.make_batch(), anchor.make_batch()
+    np.testing.assert_array_equal(bz.input_ids, ba.input_ids)
+    np.testing.assert_array_equal(bz.loss_mask, ba.loss_mask)  # the negative rows carry no loss
+    assert bz.active_mask.any() and (bz.loss_mask[1::2] == 0).all()
+    neg_before = _seq_logps(zero, bz)
+    zero.update(bz)
+    anchor.update(ba)
+    pz, pa = _params(zero), _params(anchor)
+    for k in pz:
+        np.testing.assert_allclose(pz[k], pa[k], rtol=0, atol=1e-7, err_msg=k)
+    # and no term of its own moved the negative: its change is the positive's side effect, equal in both runs
+    np.testing.assert_allclose(_seq_logps(zero, bz) - neg_before, _seq_logps(anchor, ba) - neg_before, atol=1e-6)
+
+
+def _token_logps(trainer, batch):
+    return trainer.actor_logps_fn(ms.Tensor(batch.input_ids), ms.Tensor(batch.resp_start)).asnumpy()  # [B, R]
+
+
+def test_divergent_mask_spares_the_shared_prefix_and_pushes_the_divergent_token(tmp_path):
+    """The same batch trained with the negative's loss on every token (full) and from its first divergent token
+    (divergent): divergent keeps the shared codes of the negative -- which are the positive's tokens in the
+    positive's context -- rising, where full's -alpha cancels the positive's +alpha on them."""
+    over = {"rl.estimator": "recast", "rl.prompts_per_step": 8, "rl.group_size": 8, "rl.micro_batch_size": 16}
+    out = {}
+    for mode in ("full", "divergent"):
+        tr = _trainer(tmp_path, mode, **over, **{"rl.negative_mask": mode})
+        batch = tr.make_batch()
+        before = _token_logps(tr, batch)
+        tr.update(batch)
+        out[mode] = (batch, (_token_logps(tr, batch) - before)[1::2])  # the negatives' per-token change
+    batch, d_div = out["divergent"]
+    full_batch, d_full = out["full"]
+    np.testing.assert_array_equal(batch.input_ids, full_batch.input_ids)
+    rows = np.stack([batch.input_ids[b, s: s + tr.R] for b, s in enumerate(batch.resp_start)])  # [2P, R]
+    shared = np.cumprod(rows[1::2] == rows[0::2], axis=1).sum(1)  # [P] codes the pair shares
+    live = batch.active_mask
+    assert (live & (shared > 0)).any(), shared  # the case under test occurs
+    for p in np.nonzero(live)[0]:
+        assert (batch.loss_mask[2 * p + 1, : shared[p]] == 0).all() and batch.loss_mask[2 * p + 1, shared[p]] == 1
+        np.testing.assert_array_equal(full_batch.loss_mask[2 * p + 1], full_batch.loss_mask[2 * p])  # full: all
+        assert d_div[p, shared[p]] < 0, (p, shared[p], d_div[p])  # where the negative leaves the positive
+        if shared[p]:
+            assert d_div[p, : shared[p]].sum() > 0, (p, d_div[p])  # not pushed down
+            assert d_div[p, : shared[p]].sum() > d_full[p, : shared[p]].sum(), (p, d_div[p], d_full[p])
+    h = {k: v for k, v in batch.diagnostics.items() if k.startswith("signals/pair_prefix_len_count/")}
+    assert [h[f"signals/pair_prefix_len_count/{k}"] for k in range(tr.R)] == \
+        np.bincount(np.minimum(shared[live], tr.R - 1), minlength=tr.R).tolist()
+
+
+def test_step_logs_entropy_prefix_histogram_and_clipping(tmp_path):
+    tr = _trainer(tmp_path, "m", **{"rl.estimator": "recast", "rl.grad_clip": 1e-6})
+    m = tr.step()
+    assert m["actor/grad_clipped"] == 1.0 and m["actor/grad_norm"] > 1e-6
+    V = tr.model.trainable_params()[0].shape[0]
+    assert 0 <= m["policy/entropy_sid"] <= np.log(V) and 0 < m["policy/entropy_full"] <= np.log(V)
+    # the constrained policy has fewer choices than the full head at every position
+    assert m["policy/entropy_sid"] < m["policy/entropy_full"]
+    counts = [m[f"signals/pair_prefix_len_count/{k}"] for k in range(tr.R)]
+    assert sum(counts) == m["signals/active_group_ratio"] * P
+    loose = _trainer(tmp_path, "m2", **{"rl.estimator": "grpo", "rl.grad_clip": 1e6})
+    m2 = loose.step()
+    assert m2["actor/grad_clipped"] == 0.0 and "policy/entropy_full" in m2
+    assert not any(k.startswith("signals/pair_prefix_len_count/") for k in m2)  # no pair in GRPO
+
+
+def test_reserved_valid_rows_are_never_rl_prompts_and_are_what_eval_scores(tmp_path):
+    tr = _trainer(tmp_path, "res", **{"data.reserved_valid_rows": 20, "data.reserved_valid_seed": 3,
+                                      "eval.split": "reserved", "data.max_eval_prompts": 0})
+    reserved = {id(s) for s in tr.reserved_samples}  # the split's own objects: identity, not equality
+    assert len(reserved) == 20 and len(tr.rl_samples) == len(tr.splits.valid) - 20
+    assert not reserved & {id(s) for s in tr.rl_samples}
+    assert [id(s) for s in tr.eval_samples] == [id(s) for s in tr.reserved_samples]
+    # the prompts of several epochs of steps index the pool only, and the batch holds their encodings
+    drawn = np.concatenate([tr.sampler.at(s) for s in range(3 * len(tr.rl_samples) // P)])
+    assert drawn.min() >= 0 and drawn.max() < len(tr.rl_samples)
+    batch = tr.make_batch()
+    np.testing.assert_array_equal(tr.rl_anchors[batch.prompt_index],
+                                  tr.rl_anchors[tr.sampler.at(0)])  # what the step trained on came from the pool

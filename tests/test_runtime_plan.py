@@ -98,21 +98,46 @@ def test_ascend_small_model_uses_the_kv_decoder_only_without_sharded_weights():
     assert not plan.use_parallel and plan.parallel == {} and plan.layout.devices == 1
 
 
-@pytest.mark.parametrize("overrides, world, needle", [
-    (["rl.prompts_per_step=3"], 8, r"micro-batch of 6 rows .*data_parallel=8 = 8"),
-    (["rl.estimator=grpo", "rl.prompts_per_step=1", "rl.group_size=12"], 8, r"\[P\*G, T\] = \[1 x 12, T\]"),
-    (["rl.prompts_per_step=16", "rl.micro_batch_size=12"], 8, r"32 rows, not a multiple of .* = 12"),
-    (["runtime.world_size=6"], 6, r"= 6 rows is not divisible|micro-batch of 32 rows .* = 6"),
-    (["runtime.world_size=0"], 8 * 3, None),
+def test_ascend_data_parallel_layouts_take_the_cpu_path():
+    """0.6B / 1.7B as shipped (TP = PP = 1, no optimizer parallel): stand-alone mode with the optimizer cell's
+    AllReduce, as CPU msrun, not semi-auto; the model graph is one device's; dtypes / flash / recompute kept."""
+    for name, recompute in (("0_6b", False), ("1_7b", True)):
+        plan = plan_runtime(cfg(path=ascend_run(name)), "Ascend", 8)
+        assert plan.layout == Layout(8, 1, 1, 1, False, recompute)
+        assert not plan.use_parallel and plan.parallel == {}
+        assert "AllReduce (HCCL)" in plan.gradient_reduction and "NOT WRITTEN" not in plan.train_wrapper
+        pc = plan.parallel_config
+        assert (pc["data_parallel"], pc["model_parallel"], pc["pipeline_stage"]) == (1, 1, 1)
+        assert plan.dtypes["compute_dtype"] == "bfloat16" and plan.use_flash_attention
+        assert plan.recompute_config["recompute"] is recompute and plan.rollout_engine == "kv_decoder"
+        # SFT plans the same layout for its own global batch
+        assert plan_runtime(cfg(path=ascend_run(name)), "Ascend", 8, stage="sft").layout == plan.layout
+
+
+@pytest.mark.parametrize("device, overrides, world, stage, needle", [
+    ("Ascend", ["rl.prompts_per_step=3"], 8, "rl", r"rl.prompts_per_step=3 \(global\) is not divisible by data_parallel=8"),
+    ("Ascend", ["rl.prompts_per_step=6", "runtime.world_size=4"], 4, "rl", r"prompts_per_step=6 \(global\) .* data_parallel=4"),
+    ("Ascend", ["sft.batch_size=12"], 8, "sft", r"sft.batch_size=12 \(global\) is not divisible by data_parallel=8"),
+    ("CPU", ["rl.prompts_per_step=3"], 2, "rl", r"rl.prompts_per_step=3 \(global\) is not divisible by data_parallel=2"),
+    ("CPU", ["sft.batch_size=9"], 2, "sft", r"sft.batch_size=9 \(global\) is not divisible by data_parallel=2"),
 ])
-def test_ascend_batch_must_divide_by_dp(overrides, world, needle):
-    c = cfg(*overrides, path=ascend_run("0_6b"))
-    if needle is None:
-        with pytest.raises(PlanError, match=r"micro-batch of 32 rows .*data_parallel=24"):
-            plan_runtime(c, "Ascend", world)
-    else:
-        with pytest.raises(PlanError, match=needle):
-            plan_runtime(c, "Ascend", world)
+def test_each_rank_owns_whole_groups(device, overrides, world, stage, needle):
+    path = ascend_run("0_6b") if device == "Ascend" else None
+    with pytest.raises(PlanError, match=needle):
+        plan_runtime(cfg(*overrides, path=path), device, world, stage=stage)
+    # the same batch on the other stage is not this stage's business
+    plan_runtime(cfg(*overrides, path=path), device, world, stage="rl" if stage == "sft" else "sft")
+
+
+@pytest.mark.parametrize("overrides, world, needle", [
+    (["rl.estimator=grpo", "rl.prompts_per_step=2", "rl.group_size=3", "rl.micro_batch_size=3"], 8,
+     r"micro-batch of 3 rows \(batch \[P\*G, T\] = \[2 x 3, T\].* data_parallel=2 = 2"),
+    (["rl.prompts_per_step=16", "rl.micro_batch_size=12"], 8, r"32 rows, not a multiple of .* = 12"),
+])
+def test_semi_auto_batch_must_divide_by_dp(overrides, world, needle):
+    """Semi-auto parallel (8B: DP 2 x TP 4) slices the global micro-batch by DP."""
+    with pytest.raises(PlanError, match=needle):
+        plan_runtime(cfg(*overrides, path=ascend_run("8b")), "Ascend", world)
 
 
 def test_ascend_layout_errors_name_the_numbers():
@@ -217,9 +242,11 @@ def test_launcher_dry_run_prints_the_plan_and_checks_it():
     assert plan["layout"]["data_parallel"] == 4 and plan["layout"]["model_parallel"] == 4
     assert plan["device_target"] == "Ascend" and plan["rollout_engine"] == "mindformers_infer"
     # a layout that does not fit the world size fails the dry run with the numbers
-    r = _launcher("--worker_num", "8", "--dry-run", "--", "--config", ascend_run("8b"), "rl.prompts_per_step=1",
-                  "rl.estimator=grpo", "rl.group_size=3")
-    assert r.returncode == 1 and "[1 x 3, T]" in r.stderr
+    r = _launcher("--worker_num", "8", "--dry-run", "--", "--config", ascend_run("8b"), "rl.prompts_per_step=2",
+                  "rl.estimator=grpo", "rl.group_size=3", "rl.micro_batch_size=3")
+    assert r.returncode == 2 and "[2 x 3, T]" in r.stderr
+    r = _launcher("--worker_num", "8", "--dry-run", "--", "--config", ascend_run("0_6b"), "rl.prompts_per_step=4")
+    assert r.returncode == 2 and "rl.prompts_per_step=4 (global) is not divisible by data_parallel=8" in r.stderr
     # multi-node argument errors are named
     r = _launcher("--worker_num", "16", "--local_worker_num", "8", "--node_rank", "2", "--master_addr", "10.0.0.1",
                   "--master_port", "8118", "--dry-run")
@@ -248,14 +275,20 @@ def test_ascend_plan_reaches_the_model_config():
     assert conf.compute_dtype == "float32" and conf.use_flash_attention is False
 
 
-def test_init_runtime_applies_the_cpu_plan_and_stops_on_unwritten_ascend_parts(monkeypatch):
+def test_init_runtime_applies_the_cpu_plan_and_refuses_only_semi_auto_layouts(monkeypatch):
+    from recast_ms import runtime
     from recast_ms.models import cpu_compat
     from recast_ms.trainer import setup
 
     plan = setup.init_runtime(cfg("runtime.device_target=CPU"))
     assert plan.device_target == "CPU" and setup.current_plan() is plan and cpu_compat.cpu_patches_applied()
-    # several Ascend ranks: the plan is made, then the unwritten training step / rollout engine are named
-    monkeypatch.delenv("RECAST_ASCEND_CONTEXT_ONLY", raising=False)
-    with pytest.raises(NotImplementedError, match="semi-auto-parallel training step .*mindformers_infer"):
-        setup.init_runtime(cfg(path=ascend_run("8b")), 8)
+    monkeypatch.setattr(runtime, "require_device", lambda device: None)  # as if an Ascend device were here
+    # TP / PP layouts (8B, 14B): one line naming issue 23's missing pieces
+    for name in ("8b", "14b"):
+        with pytest.raises(NotImplementedError, match="needs semi-auto parallel: .*issue 23"):
+            setup.init_runtime(cfg(path=ascend_run(name)), 8)
+    # data-parallel layouts (0.6B, 1.7B) are not refused; without msrun's communication init they cannot run
+    for name in ("0_6b", "1_7b"):
+        with pytest.raises(RuntimeError, match="8 ranks but communication is not initialised"):
+            setup.init_runtime(cfg(path=ascend_run(name)), 8)
     assert setup.current_plan() is plan  # nothing was applied

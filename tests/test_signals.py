@@ -6,11 +6,15 @@ from recast_ms.rewards import sid_similarity, structural_score, task_reward
 from recast_ms.signals import (
     ESTIMATORS,
     Selection,
+    common_prefix_len,
     compute_signal,
+    divergent_mask,
+    entropy_rows,
     gather_rows,
     get_estimator,
     grpo_advantage,
     group_rows,
+    prefix_histogram,
     recast_signal,
     select,
     signal_diagnostics,
@@ -338,3 +342,75 @@ def test_grpo_bad_input_raises():
         grpo_advantage([[1]])
     with pytest.raises(ValueError, match="binary"):
         grpo_advantage([[0.3, 1]])
+
+
+# ----------------------------------------------------------------------------- the negative row's knobs (issue 24)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.1, 0.3, 1.0])
+def test_negative_weight_scales_only_the_negative(weight):
+    r = [[0, 0, 0, 0], [0, 1, 0, 1], [1, 1, 1, 1]]
+    s = [[1 / 3, 0.0, 2 / 3, 0.0], [2 / 3, 1.0, 1 / 3, 1.0], [1, 1, 1, 1]]
+    sel = select(get_estimator("recast"), r, s, alpha=0.5, negative_weight=weight)
+    ref = select(get_estimator("recast"), r, s, alpha=0.5)
+    np.testing.assert_allclose(sel.advantages, [0.5, -0.5 * weight, 0.5, -0.5 * weight, 0, 0], rtol=1e-6)
+    np.testing.assert_array_equal(sel.row_index, ref.row_index)  # the same pair, only its weight moves
+    # weight 0: the negative row carries no loss at all, exactly as anchor_only's
+    live = [True, weight > 0, True, weight > 0, False, False]
+    np.testing.assert_array_equal(sel.live, live)
+    if weight == 0:
+        np.testing.assert_array_equal(sel.live, select(get_estimator("anchor_only"), r, s, alpha=0.5).live)
+
+
+def test_negative_weight_must_be_finite_and_non_negative():
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="negative_weight"):
+            recast_signal([[0, 1]], [[0, 1]], negative_weight=bad)
+
+
+def test_common_prefix_len_stops_at_the_first_difference_and_the_row_end():
+    a = np.array([[5, 6, 7, 2], [5, 6, 7, 2], [9, 6, 7, 2], [5, 2, 0, 0]])
+    b = np.array([[5, 6, 8, 2], [5, 6, 7, 2], [5, 6, 7, 2], [5, 2, 0, 0]])
+    m = np.array([[1, 1, 1, 1]] * 3 + [[1, 1, 0, 0]])
+    assert common_prefix_len(a, b).tolist() == [2, 4, 0, 4]
+    assert common_prefix_len(a, b, m).tolist() == [2, 4, 0, 2]  # padding after EOS is not "shared"
+
+
+def _pair_selection():
+    # 3 groups of G = 4; group 2 is all-hit (skipped)
+    r = [[0, 0, 0, 0], [0, 1, 0, 1], [1, 1, 1, 1]]
+    s = [[1 / 3, 0.0, 2 / 3, 0.0], [2 / 3, 1.0, 1 / 3, 1.0], [1, 1, 1, 1]]
+    return select(get_estimator("recast"), r, s)
+
+
+def test_divergent_mask_keeps_the_negative_from_its_first_divergent_token():
+    sel = _pair_selection()
+    # actor rows (pos, neg) per group: codes a b c + EOS(2)
+    rows = np.array([[5, 6, 7, 2], [5, 6, 8, 2],    # shares 2 codes: loss on the 3rd code and EOS
+                     [4, 6, 7, 2], [5, 6, 7, 2],    # differs at once: full loss
+                     [5, 6, 7, 2], [5, 6, 7, 2]])   # skipped group (mask already 0)
+    mask = np.ones((6, 4), np.float32)
+    mask[4:] = 0
+    out = divergent_mask(rows, mask, sel)
+    np.testing.assert_array_equal(out, [[1, 1, 1, 1], [0, 0, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [0] * 4, [0] * 4])
+    np.testing.assert_array_equal(mask[1], [1, 1, 1, 1])  # the input is not changed
+    with pytest.raises(ValueError, match="boundary"):
+        divergent_mask(rows[:5], mask[:5], sel)
+
+
+def test_prefix_histogram_counts_active_pairs_by_shared_codes():
+    sel = _pair_selection()
+    rows = np.array([[5, 6, 7, 2], [5, 6, 8, 2], [4, 6, 7, 2], [5, 6, 7, 2], [5, 6, 7, 2], [5, 6, 7, 2]])
+    h = prefix_histogram(rows, np.ones((6, 4)), sel, num_codes=3)
+    # group 0 shares 2 codes, group 1 none; group 2 (skipped) is not counted though it shares all 3
+    assert h == {"signals/pair_prefix_len_count/0": 1.0, "signals/pair_prefix_len_count/1": 0.0,
+                 "signals/pair_prefix_len_count/2": 1.0, "signals/pair_prefix_len_count/3": 0.0}
+
+
+def test_entropy_rows_golden_full_and_constrained():
+    lg = np.log(np.array([[0.5, 0.25, 0.25, 1e-300], [1.0, 1.0, 1.0, 1.0]]))
+    np.testing.assert_allclose(entropy_rows(lg), [1.5 * np.log(2), np.log(4)], rtol=1e-9)
+    allowed = np.array([[True, True, False, False], [True, False, False, False]])
+    # renormalised over the allowed tokens: (2/3, 1/3) and a point mass
+    np.testing.assert_allclose(entropy_rows(lg, allowed), [-(2 / 3 * np.log(2 / 3) + 1 / 3 * np.log(1 / 3)), 0.0],
+                               atol=1e-12)

@@ -82,3 +82,16 @@ def test_cell_rejects_bad_construction():
         RecastSelect(group_size=1)
     with pytest.raises(ValueError, match="alpha"):
         RecastSelect(group_size=4, alpha=0.0)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.3])
+def test_cell_matches_numpy_with_a_negative_weight(weight):
+    """rl.negative_weight (issue 24): the Cell's advantages and loss rows equal the reference's, exactly."""
+    rng = np.random.default_rng(5)
+    r, s = _batch(rng, 32, 8, 0.2)
+    est = get_estimator("recast")
+    ref = select(est, r, s, alpha=0.7, negative_weight=weight)
+    got = select(est, r, s, alpha=0.7, negative_weight=weight, cell=est.cell(8, 0.7, weight))
+    np.testing.assert_array_equal(got.advantages, ref.advantages)
+    np.testing.assert_array_equal(got.live, ref.live)
+    np.testing.assert_array_equal(got.row_index, ref.row_index)

@@ -83,12 +83,17 @@ def test_sentencepiece_openonerec_256(synth):
     assert len(encode_response(cb.sid_of(5), cb, tok)) == 3 + 2 + 1
 
 
-def _write_wordlevel_checkpoint(directory, with_config=True):
+def _wordlevel():
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {"[UNK]": 0, "history:": 1, "next:": 2, "<|endoftext|>": 3, "<|im_end|>": 4, "hello": 5}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tok
+
+
+def _write_wordlevel_checkpoint(directory, with_config=True):
+    tok = _wordlevel()
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
     if with_config:
@@ -172,3 +177,67 @@ def test_prompt_truncation_drops_oldest_items(sp_tok, synth):
     assert short == sp_tok.encode(render_prompt(s, cb, max_items=len(s.history_sids) - 1))
     with pytest.raises(ValueError):
         encode_prompt(s, cb, sp_tok, max_len=3)
+
+
+class _CountingTokenizer:
+    """``tok`` with a record of the text of every ``encode`` call (the work prompt encoding does)."""
+
+    def __init__(self, tok):
+        self._tok, self.texts = tok, []
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def encode(self, text):
+        self.texts.append(text)
+        return self._tok.encode(text)
+
+
+@pytest.mark.parametrize("with_titles", [False, True])
+def test_long_history_is_truncated_in_bounded_work(sp_tok, synth, with_titles):
+    """Issue 21: a 10,000-item history hung SFT (one re-render and re-tokenization per dropped item)."""
+    from recast_ms.data.batching import encode_prompts
+
+    cb = synth.codebook
+    items = sorted(cb.item_to_sid)
+    assert len(items) > 64  # the kept tail has distinct items, so parsing it back is exact
+    history = [items[i % len(items)] for i in range(10_000)]
+    long = Sample.from_items("U", history, [items[0]], cb, origin="long.csv:2")
+    tok = _CountingTokenizer(sp_tok)
+    max_len = 64
+    enc = encode_prompts([long], cb, tok, max_len, with_titles)  # the SFT / RL / eval path
+    n = int(enc.lens[0])
+    ids = enc.ids[0, :n].tolist()
+    assert 0 < n <= max_len
+    # the kept items are the most recent ones that fit: one more does not fit
+    tmap = sid_token_map(sp_tok, cb)
+    parsed = tmap.parse_ids(ids)
+    k = len(parsed)
+    assert parsed == [cb.item_to_sid[i] for i in history[-k:]]
+    assert ids == sp_tok.encode(render_prompt(long, cb, with_titles, max_items=k))
+    assert len(sp_tok.encode(render_prompt(long, cb, with_titles, max_items=k + 1))) > max_len
+    # bounded work: a handful of tokenizer calls, none on more than max_len items (before: ~10,000 calls,
+    # each on the whole remaining history)
+    assert len(tok.texts) <= 2 + int(np.log2(max_len))
+    first_code = cb.fmt.token(0, 0).split("0")[0]  # "<a_": every rendered item holds exactly one
+    assert max(t.count(first_code) for t in tok.texts) <= max_len
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "config.json"])
+def test_hf_files_that_are_not_json_are_named(synth, tmp_path, name):
+    """Issue 21: before, a broken file gave a bare 'expected ident at line 1 column 2' or JSONDecodeError."""
+    from recast_ms.config import RunConfig
+    from recast_ms.trainer.setup import get_tokenizer
+
+    ckpt = tmp_path / "ckpt"
+    _write_wordlevel_checkpoint(ckpt)
+    (ckpt / name).write_text('{"truncated": ')
+    cfg = RunConfig()
+    cfg.hf_checkpoint = str(ckpt)
+    with pytest.raises(ValueError, match=rf"^{ckpt / name}: not a"):
+        get_tokenizer(synth, str(tmp_path / "run_tok"), cfg)  # the path SFT takes from a HF checkpoint
+    if name == "tokenizer.json":
+        HFSIDTokenizer(_wordlevel(), ["<a_1>"]).save(tmp_path / "saved")
+        (tmp_path / "saved" / name).write_text("not json")
+        with pytest.raises(ValueError, match=rf"^{tmp_path / 'saved' / name}: not a"):
+            load_tokenizer(tmp_path / "saved")  # a run directory's tokenizer, reloaded by RL / evaluation

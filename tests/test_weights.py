@@ -282,6 +282,16 @@ def test_hf_unsupported_config_is_refused(tmp_path):
         _load(directory)
 
 
+def test_hf_config_that_is_not_a_json_object_is_named(tmp_path):
+    """Issue 21: a config.json that is not JSON (or not an object) is an error naming the file."""
+    directory = _write(tmp_path / "bad")
+    path = directory / "config.json"
+    for text in ("{\"model_type\": \"qwen3\"", "not json", "[1, 2]", "\"qwen3\""):  # truncated, garbage, list, string
+        path.write_text(text)
+        with pytest.raises(CheckpointError, match=rf"^{path}: (unreadable config|expected a JSON object)"):
+            _load(directory)  # before: AttributeError 'list' object has no attribute 'get' for the last two
+
+
 def test_ckpt_errors_name_tensor_and_file(tied_model, tmp_path):
     params = named_parameters(tied_model)
     name = "decoder.layers.1.mlp.linear_fc2.weight"

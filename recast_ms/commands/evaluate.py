@@ -9,16 +9,19 @@ import os
 import sys
 import time
 
-from recast_ms.cli import base_parser, configure_environment, quiet_mindformers, setup_logging
+from recast_ms.cli import base_parser, command, quiet_mindformers, setup_logging
 
 
+@command  # environment first; configuration errors as one line, exit 2
 def main():
-    configure_environment()  # before MindSpore starts its runtime
     p = base_parser(__doc__)
     p.add_argument("--run-dir", required=True)
     p.add_argument("--checkpoint", default=None, help="checkpoint dir (default: newest in --run-dir)")
     p.add_argument("--split", default="test", choices=["test", "valid"])
-    p.add_argument("--max-prompts", type=int, default=0)
+    # 0 = all, as data.max_eval_prompts / max_rl_prompts: one convention for every prompt cap of the project
+    p.add_argument("--max-prompts", type=int, default=0, metavar="N",
+                   help="evaluate N prompts of the split; 0 (the default) = the whole split. Which N: the first "
+                        "rows, or with data.eval_subset_seed >= 0 the seeded random subset RL evaluates on")
     p.add_argument("--decoder", default="kv", choices=["kv", "full"])
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -29,7 +32,7 @@ def main():
         p.error(f"--out {out} is a directory: give the JSON file to write")
     if not args.config and not os.path.exists(os.path.join(args.run_dir, "config.yaml")):
         p.error(f"--run-dir {args.run_dir} is not a run directory (no config.yaml)")
-    setup_logging()
+    setup_logging(args.verbose, args.run_dir)
     from recast_ms.config import load_config
     from recast_ms.evaluation import eval_subset, evaluate, format_table, popularity_baseline, write_json
     from recast_ms.rollout.decoder import make_decoder

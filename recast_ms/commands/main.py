@@ -15,34 +15,40 @@ import os
 import sys
 import time
 
-from recast_ms.cli import base_parser, configure_environment, setup_logging
+from recast_ms.cli import base_parser, command, setup_logging
 
 
 def _stage(args, *stage):
     """Run one stage in its own process: on the CPU backend each compiled graph keeps its memory for the
     process's life, so SFT, GRPO and ReCast in one process added up (3.9 GB measured); apart, the job's peak
     is its largest stage's. A failing stage stops the job with its exit status; rerunning resumes."""
-    import subprocess
+    from recast_ms.utils.interrupt import run_child
 
     cmd = [sys.executable, "-m", "recast_ms.commands.main", "--out", args.out, "--stage", *stage]
     if args.config:
         cmd += ["--config", args.config]
-    rc = subprocess.run(cmd + list(args.overrides)).returncode
+    rc = run_child(cmd + list(args.overrides), f"recast-main: stage {' '.join(stage)}",
+                   f"rerun the same command to resume (finished stages are skipped, a stopped one resumes from "
+                   f"its last checkpoint)")
     if rc:
         sys.exit(rc)
 
 
+@command  # environment first; configuration errors as one line, exit 2
 def main():
-    configure_environment()  # before MindSpore starts its runtime
     p = base_parser(__doc__)
     p.add_argument("--out", default="runs/main")
     p.add_argument("--estimators", default="grpo,recast", help="comma-separated estimators to compare")
     p.add_argument("--stage", nargs="+", default=None, help=argparse.SUPPRESS)  # internal: sft | rl EST
     args = p.parse_args()
-    setup_logging()
+    setup_logging(args.verbose, args.out)
     from recast_ms.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # checked here, before any stage starts
+    if not args.stage:  # and what only the data can refuse, before the SFT stage writes anything
+        from recast_ms.trainer.setup import check_rl_inputs, load_splits
+
+        check_rl_inputs(cfg, load_splits(cfg.data))
     sft_dir = os.path.join(args.out, "sft")
     if args.stage:
         from recast_ms.trainer import checkpoint as ckpt

@@ -15,12 +15,13 @@ inside the valid/test time window; the only items from the train window are the 
 user's chronologically FIRST row (its first valid row, or its first test row if it has no valid row).
 
 * ``train``: for every user, every (prefix -> next) transition inside the history of that first row:
-  ``(h[:i] -> h[i])`` for ``i = 1..len(h)-1``. These targets all precede the valid window in time, so
-  nothing after the training period is seen. Transitions are de-duplicated on (user, history,
-  target), and any transition equal to a held-out (user, history, target) triple (test, and valid
-  unless ``valid_in_train``) is removed as a second guard (it counts in ``train_overlap_excluded``;
-  it is 0 on the shipped data). If a user's first row is malformed, that user gives no transitions
-  (its later histories would contain held-out targets); counted in ``users_first_row_malformed``.
+  ``(h[:i] -> h[i])`` for ``i = 1..len(h)-1``, the history cut to its last 10 items as upstream's.
+  These targets all precede the valid window in time, so nothing after the training period is seen.
+  Transitions are de-duplicated on (user, history, target), and any transition equal to a held-out
+  (user, history, target) triple (test, and valid unless ``valid_in_train``) is removed as a second
+  guard (it counts in ``train_overlap_excluded``; it is 0 on the shipped data). If a user's first
+  row is malformed, that user gives no transitions (its later histories would contain held-out
+  targets); counted in ``users_first_row_malformed``.
   Transitions are NOT taken from later rows' histories: those prefixes end in valid or test targets,
   and a test row's history even contains earlier test rows of the same user (a transition like
   ``h[1:i] -> h[i]`` would repeat a test target at its own position under a shorter context, which
@@ -35,6 +36,10 @@ Counts on the shipped files (valid_in_train=False, no malformed rows):
 Industrial_and_Scientific 10,393 train transitions from 3,285 users / 4,532 valid / 4,533 test;
 Office_Products 9,484 / 4,866 / 4,866. (Upstream's train split held ~36k / ~39k samples; this is
 the part of it recoverable from valid/test histories.)
+
+A row that repeats an earlier good row of the same file field for field is dropped (it would be
+trained on or evaluated twice) and listed in ``LoadReport.duplicate_rows`` as (file, line, line of
+the first copy), counted in ``counts["duplicates_dropped"]`` and logged with its first examples.
 
 Malformed rows (csv error, a quoted field left open that runs into the next line, bytes that are not
 UTF-8, wrong column count, bad python literal, wrong type, unknown item id, empty history, SID that
@@ -297,6 +302,7 @@ def read_split_csv(path: PathLike, codebook: SIDCodebook, report: Optional[LoadR
     path = Path(path)
     name = path.name
     rows: List[Row] = []
+    seen: Dict[tuple, int] = {}  # fields of a good row -> its line: exact duplicates are dropped
     read = kept = 0
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         lines = f.readlines()
@@ -366,10 +372,18 @@ def read_split_csv(path: PathLike, codebook: SIDCodebook, report: Optional[LoadR
             _malformed(report, name, line, err.reason, err.detail)
             rows.append(Row(name, line, user, None))
             continue
+        first_line = seen.setdefault(tuple(fields), line)
+        if first_line != line:  # kept, it would be trained on or evaluated twice
+            report.duplicate_rows.append((name, line, first_line))
+            continue
         kept += 1
         rows.append(Row(name, line, user, sample))
     report.rows_read[name] = read
     report.rows_kept[name] = kept
+    dups = [(line, first) for f, line, first in report.duplicate_rows if f == name]
+    if dups:
+        logger.warning("%s: dropped %d exact duplicate rows, e.g. %s", name, len(dups),
+                       ", ".join(f"line {l} repeats line {f}" for l, f in dups[:5]))
     return rows
 
 
@@ -415,7 +429,9 @@ def derive_training(valid_rows: Sequence[Row], test_rows: Sequence[Row], report:
             continue
         s = r.sample
         for i in range(1, len(s.history_items)):
-            candidates.append(Sample(user, s.history_items[:i], s.history_sids[:i], (s.history_items[i],),
+            # upstream's history window, which also keeps a very long first history linear in memory
+            lo = max(0, i - HISTORY_WINDOW)
+            candidates.append(Sample(user, s.history_items[lo:i], s.history_sids[lo:i], (s.history_items[i],),
                                      (s.history_sids[i],), f"{s.origin}#prefix{i}"))
     if valid_in_train:
         candidates.extend(r.sample for r in valid_rows if r.sample is not None)
@@ -484,7 +500,8 @@ def load_amazon(dataset: str, root: Optional[PathLike] = None, valid_in_train: b
                          f"{files['test'].name} (every user's first row is malformed or has a one-item history)")
     valid = [r.sample for r in valid_rows if r.sample is not None]
     test = [r.sample for r in test_rows if r.sample is not None]
-    report.counts.update(train=len(train), valid=len(valid), test=len(test), malformed=report.num_malformed)
+    report.counts.update(train=len(train), valid=len(valid), test=len(test), malformed=report.num_malformed,
+                         duplicates_dropped=len(report.duplicate_rows))
     if valid_in_train:
         report.notes.append("valid_in_train=True: valid rows are in train and no longer held out")
     logger.info("%s: %s", dataset, report.summary())

@@ -66,16 +66,40 @@ def render_response(target_sid: Sequence[int], codebook: SIDCodebook) -> str:
 
 def encode_prompt(sample: Sample, codebook: SIDCodebook, tokenizer, max_len: Optional[int] = None,
                   with_titles: bool = False) -> List[int]:
-    """Prompt token ids (BOS first if the tokenizer has one), dropping the OLDEST history items until
-    the prompt fits ``max_len`` tokens; a SID is never cut. ValueError if one item does not fit."""
+    """Prompt token ids (BOS first if the tokenizer has one) of the MOST RECENT history items that fit
+    ``max_len`` tokens; a SID is never cut. ValueError if one item does not fit.
+
+    The work is bounded by ``max_len``, not by the history length: every item renders to at least one
+    token, so at most ``max_len`` items are ever rendered, and the number kept is found by bisection
+    (about log2(max_len) tokenizer calls; dropping one item per call made a 10,000-item history hang SFT).
+    """
     bos = [tokenizer.bos_id] if getattr(tokenizer, "bos_id", None) is not None else []
     n = len(sample.history_sids)
-    for keep in range(n, 0, -1):
-        ids = bos + tokenizer.encode(render_prompt(sample, codebook, with_titles, max_items=keep))
-        if max_len is None or len(ids) <= max_len:
-            return ids
-    raise ValueError(f"{sample.origin}: even a one-item prompt exceeds max_len={max_len} tokens (a prompt gets "
-                     f"seq_length minus the L + 1 response tokens: raise seq_length)")
+    if n == 0:
+        raise ValueError(f"{sample.origin}: empty history, nothing to prompt with")
+
+    def encode(keep: int) -> List[int]:
+        return bos + tokenizer.encode(render_prompt(sample, codebook, with_titles, max_items=keep))
+
+    if max_len is None:
+        return encode(n)
+    hi = min(n, max_len)
+    ids = encode(hi)
+    if len(ids) <= max_len:
+        return ids
+    # invariant: ``lo`` items fit (0: none known yet), ``hi`` items do not; prompt length grows with items kept
+    lo, best = 0, None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        ids = encode(mid)
+        if len(ids) <= max_len:
+            lo, best = mid, ids
+        else:
+            hi = mid
+    if best is None:
+        raise ValueError(f"{sample.origin}: even a one-item prompt exceeds max_len={max_len} tokens (a prompt gets "
+                         f"seq_length minus the L + 1 response tokens: raise seq_length)")
+    return best
 
 
 def encode_response(target_sid: Sequence[int], codebook: SIDCodebook, tokenizer) -> List[int]:

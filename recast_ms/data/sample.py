@@ -53,6 +53,7 @@ class LoadReport:
     rows_kept: Dict[str, int] = field(default_factory=dict)  # file name -> rows turned into samples
     malformed: Dict[str, int] = field(default_factory=dict)  # reason -> count, over all files
     malformed_rows: List[Tuple[str, int, str]] = field(default_factory=list)  # (file, line, reason)
+    duplicate_rows: List[Tuple[str, int, int]] = field(default_factory=list)  # (file, line, line of 1st copy), dropped
     counts: Dict[str, int] = field(default_factory=dict)  # protocol counts (transitions, users, ...)
     notes: List[str] = field(default_factory=list)
 

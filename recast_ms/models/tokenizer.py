@@ -174,11 +174,24 @@ def _token_content(value) -> Optional[str]:
 
 
 def _read_json(path: Path) -> dict:
+    """An optional JSON file ({} when absent); a file that is there but not JSON is an error naming it."""
     if not path.exists():
         return {}
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path}: not a valid JSON file ({type(err).__name__}: {err})") from None
     return data if isinstance(data, dict) else {}
+
+
+def _hf_tokenizer_file(path: Path):
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # pylint: disable=broad-except  # the tokenizers library raises a bare Exception
+        raise ValueError(f"{path}: not a readable Hugging Face tokenizer file ({err})") from None
 
 
 class HFSIDTokenizer:
@@ -209,13 +222,11 @@ class HFSIDTokenizer:
                         eos_token: Optional[str] = None, bos_token: Optional[str] = None) -> "HFSIDTokenizer":
         """Loads ``<directory>/tokenizer.json``; special tokens: argument, else tokenizer_config.json,
         else config.json ids, else (pad/eos) a dedicated added token."""
-        from tokenizers import Tokenizer
-
         directory = Path(directory)
         path = directory / "tokenizer.json"
         if not path.exists():
             raise FileNotFoundError(f"{path} not found (HFSIDTokenizer works offline from a checkpoint directory)")
-        tok = Tokenizer.from_file(str(path))
+        tok = _hf_tokenizer_file(path)
         tcfg = _read_json(directory / "tokenizer_config.json")
         mcfg = _read_json(directory / "config.json")
 
@@ -266,13 +277,11 @@ class HFSIDTokenizer:
     @classmethod
     def load(cls, directory: PathLike) -> "HFSIDTokenizer":
         """Reloads what ``save`` wrote (SID tokens and special tokens from the meta file)."""
-        from tokenizers import Tokenizer
-
         directory = Path(directory)
         meta = _read_json(directory / META_FILE)
         if meta.get("kind") != "hf":
             raise ValueError(f"{directory / META_FILE} does not describe an HFSIDTokenizer")
-        tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        tok = _hf_tokenizer_file(directory / "tokenizer.json")
         return cls(tok, meta["sid_tokens"], meta["pad_token"], meta["eos_token"], meta.get("bos_token"))
 
 

@@ -205,6 +205,8 @@ def read_hf_config(hf_dir: PathLike) -> dict:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: unreadable config ({type(err).__name__}: {err})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
     model_type = config.get("model_type")
     if model_type != "qwen3":
         raise CheckpointError(f"{path}: model_type={model_type!r}; only dense 'qwen3' checkpoints are supported")

@@ -126,12 +126,13 @@ def sample_groups(
     max_new_tokens: int,
     eos_id: int,
     pad_id: int,
-    rng: np.random.Generator,
+    rng: Optional[np.random.Generator],
     constraint: Optional[SIDConstraint] = None,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
     max_rows: int = 0,
+    uniforms: Optional[np.ndarray] = None,
 ) -> Rollout:
     """G samples per prompt: rows ``p*G .. p*G+G-1`` belong to prompt p. Shapes: ``[P*G, R]``.
 
@@ -139,11 +140,16 @@ def sample_groups(
     the same static shape (the last is filled with copies of its first prompt, dropped): on the CPU backend a
     decode graph keeps memory in proportion to its rows. The samples do not depend on the chunking: the
     uniforms of all rows and steps are drawn up front, in the order an unchunked run draws them.
+    ``uniforms [max_new_tokens, P*G]`` replaces the draw from ``rng`` (a data-parallel rank passes its columns
+    of the global batch's draw, so its samples equal those of one process over the global batch).
     """
     if temperature <= 0:
         raise ValueError("temperature must be > 0 (use beam_search for greedy)")
     P, G = prompt_ids.shape[0], group_size
-    uniforms = rng.random((max_new_tokens, P * G))  # [R, P*G], row t = what step t of one pass draws
+    if uniforms is None:
+        uniforms = rng.random((max_new_tokens, P * G))  # [R, P*G], row t = what step t of one pass draws
+    elif uniforms.shape != (max_new_tokens, P * G):
+        raise ValueError(f"uniforms must be [max_new_tokens, P*G] = [{max_new_tokens}, {P * G}], got {uniforms.shape}")
     per_chunk = P if max_rows <= 0 else max(1, min(P, max_rows // G))
     parts = []
     for start in range(0, P, per_chunk):

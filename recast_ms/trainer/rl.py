@@ -15,29 +15,37 @@ One step (``RLTrainer.step``)::
 GRPO and repair-only keep the full ``[P*G, T]`` batch; boundary estimators always have ``[2P, T]``
 (skipped groups stay as rows with a zero loss mask), so no estimator recompiles after step 1. The
 update is on-policy (one optimizer step per rollout), so old log-probs equal the actor's and no old-
-policy forward is run (``ppo_epochs > 1`` computes them). Data parallel: each rank rolls out its own
-``P`` prompts; gradients are averaged across ranks inside the optimizer cell.
+policy forward is run (``ppo_epochs > 1`` computes them). Data parallel (``recast_ms.trainer.distributed``):
+``P = rl.prompts_per_step`` is the global batch of one step; each rank rolls out, rewards, selects and updates
+its own P / DP whole groups (disjoint slices of the same seeded order, each prompt's samples drawn from
+(seed, step, global prompt index)), gradients are averaged across ranks inside the optimizer cell and the
+logged metrics are averaged over ranks, so a step equals one process's step over the global batch.
 """
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import numpy as np
 
 from recast_ms.config import RunConfig, check_compatible
 from recast_ms.data.batching import EpochSampler, encode_prompts, encode_targets, pack
-from recast_ms.evaluation import eval_subset
+from recast_ms.evaluation import PER_PROMPT_DIR, eval_subset, eval_subset_rows
 from recast_ms.rewards import score_responses
-from recast_ms.signals import Selection, gather_rows, get_estimator, select, signal_diagnostics
+from recast_ms.data.reserved import reserve_valid
+from recast_ms.signals import (Selection, divergent_mask, entropy_rows, gather_rows, get_estimator, prefix_histogram,
+                               select, signal_diagnostics)
 from recast_ms.trainer import checkpoint as ckpt
 from recast_ms.trainer import guard
-from recast_ms.trainer.setup import build_model, get_tokenizer, init_runtime, load_splits, quiet_stdout, response_len
+from recast_ms.trainer.distributed import mean_over_ranks, rank_slice
+from recast_ms.trainer.setup import (build_model, check_rl_inputs, get_tokenizer, init_runtime, load_splits,
+                                     quiet_stdout, response_len)
 from recast_ms.utils.tracking import MetricsLogger, StageTimer, current_rss_mb, peak_rss_mb
 
 logger = logging.getLogger(__name__)
+BARREN_STEPS = 5  # consecutive steps with no valid response and a zero update before the run stops
 
 
 def _rl_loss_cell(model, rcfg, response_len: int, on_policy: bool):
@@ -78,6 +86,7 @@ class ActorBatch:
     valid: np.ndarray  # [P, G] bool, the response names a catalogue SID
     prompt_index: np.ndarray  # [P] rows of the RL prompt set drawn this step
     rollout_ids: np.ndarray  # [P*G, R] the sampled (or beam) responses
+    diagnostics: Dict[str, float] = field(default_factory=dict)  # per-step signals/* and policy/* measures
 
     @property
     def repaired(self) -> np.ndarray:  # [P]
@@ -137,6 +146,7 @@ class RLTrainer:
             if os.path.exists(init_cfg):
                 check_compatible(init_cfg, cfg, f"--init checkpoint {init_checkpoint}")
         self.splits = load_splits(cfg.data)
+        check_rl_inputs(cfg, self.splits)
         self.tok = get_tokenizer(self.splits, tokenizer_dir, cfg)
         init_runtime(cfg, world_size)
         self.model = build_model(cfg, self.tok, seed=cfg.seed)
@@ -152,24 +162,31 @@ class RLTrainer:
             if self.ref_model is not None else None
         self.actor_logps_fn = ResponseLogProbs(self.model, self.R, self.rcfg.temperature)
         self.Tp = cfg.seq_length - self.R
-        rl_samples = self.splits.valid[: cfg.data.max_rl_prompts or None]
+        # the reserved slice is cut before anything draws from valid: no RL step can ever see its rows
+        rl_pool, self.reserved_samples = reserve_valid(self.splits.valid, cfg.data.reserved_valid_rows,
+                                                       cfg.data.reserved_valid_seed)
+        rl_samples = rl_pool[: cfg.data.max_rl_prompts or None]
         self.rl_samples = rl_samples
         self.rl_prompts = encode_prompts(rl_samples, cb, self.tok, self.Tp, cfg.data.with_titles)
         self.rl_anchors = encode_targets(rl_samples, cb, self.tok, self.R)  # ground-truth responses [N, R]
-        self.eval_samples = eval_subset(self.splits.test, cfg.data.max_eval_prompts, cfg.data.eval_subset_seed)
+        eval_pool = self.reserved_samples if cfg.eval.split == "reserved" else self.splits.test
+        self.eval_samples = eval_subset(eval_pool, cfg.data.max_eval_prompts, cfg.data.eval_subset_seed)
+        # rows of eval_pool the evaluation scores [N]: names the prompts of the per-prompt records
+        self.eval_rows = eval_subset_rows(len(eval_pool), cfg.data.max_eval_prompts, cfg.data.eval_subset_seed)
         self.token_map = sid_token_map(self.tok, cb)
-        self.constraint = SIDConstraint(cb.trie, self.token_map, self.tok.eos_id, self.tok.vocab_size) \
-            if self.rcfg.constrained else None
+        # also measures the SID-constrained entropy when rollouts are unconstrained
+        self.sid_constraint = SIDConstraint(cb.trie, self.token_map, self.tok.eos_id, self.tok.vocab_size)
+        self.constraint = self.sid_constraint if self.rcfg.constrained else None
         self.decoder = make_decoder(self.model, self.Tp, self.R, self.tok.pad_id)
 
         r = self.rcfg
         self.estimator = r.estimator
         self.est = get_estimator(r.estimator)
-        self.P, self.G = r.prompts_per_step, r.group_size
-        self.batch_rows = self.est.actor_rows(self.P, self.G)
+        self.P, self.G = r.prompts_per_step, r.group_size  # P is global: this rank owns P / world groups
+        self.batch_rows = self.est.actor_rows(self.P // world_size, self.G)  # this rank's actor rows
         self.micro = min(r.micro_batch_size, self.batch_rows)
         self.num_micro = -(-self.batch_rows // self.micro)
-        self.select_cell = self.est.cell(self.G, r.alpha)  # graph-mode selection; None for whole-group estimators
+        self.select_cell = self.est.cell(self.G, r.alpha, r.negative_weight)  # graph-mode selection; None for whole-group estimators
         self.adaptive = AdaptiveRepair(r.adaptive_target, r.adaptive_floor, r.adaptive_momentum) \
             if self.est.adaptive else None
         self.on_policy = r.ppo_epochs == 1
@@ -179,21 +196,26 @@ class RLTrainer:
                              world_size=world_size, fused=self.num_micro == 1)
         if len(rl_samples) < self.P:
             raise ValueError(f"{len(rl_samples)} RL prompts < rl.prompts_per_step={self.P}")
-        self.sampler = EpochSampler(len(rl_samples), self.P, cfg.seed + 1000 * rank)
+        self.sampler = EpochSampler(len(rl_samples), self.P, cfg.seed)  # the global order, sliced per rank
         self.step_idx = 0
+        self.last_prompt_index = np.zeros(0, np.int64)
         self.timer = StageTimer()
         self._ms = ms
 
     # ------------------------------------------------------------------ state
 
-    def _rng(self, stream: int) -> np.random.Generator:
-        """The RNG of one stream (rollout, adaptive repair) at the current step on this rank: a pure
-        function of (seed, stream, rank, step), so resume is exact on every rank."""
-        return np.random.default_rng([self.cfg.seed, stream, self.rank, self.step_idx])
+    def _global_draw(self, stream: int, shape, axis: int) -> np.ndarray:
+        """This rank's share (along ``axis``, which runs over the global batch) of one draw of the GLOBAL batch
+        for one stream (rollout, adaptive repair) at the current step: a pure function of (seed, stream, step,
+        global index), so ranks agree with one process and resume is exact. The 0 is the slot the rank held
+        before the global batch: one-process runs reproduce the committed results."""
+        full = np.random.default_rng([self.cfg.seed, stream, 0, self.step_idx]).random(shape)
+        n = shape[axis] // self.world
+        return np.take(full, np.arange(self.rank * n, (self.rank + 1) * n), axis=axis)
 
     def state_meta(self) -> dict:
-        # prompts and RNG streams derive from (seed, rank, step), so the step is all a resume needs;
-        # the adaptive-repair average follows each rank's own rollouts and rank 0's is saved
+        # prompts and RNG streams derive from (seed, step), so the step is all a resume needs; the
+        # adaptive-repair average follows the global (rank-averaged) ratio, the same on every rank
         return {"adaptive_ema": None if self.adaptive is None else self.adaptive.ema, "phase": "rl",
                 "estimator": self.estimator}
 
@@ -234,9 +256,10 @@ class RLTrainer:
         keeps only those rows (the anchor's tokens in repaired slots) BEFORE any actor work.
         """
         r, T = self.rcfg, self.timer
-        P, G, S = self.P, self.G, self.cfg.seq_length
+        G, S = self.G, self.cfg.seq_length
         pad = self.tok.pad_id
-        idx = self.sampler.at(self.step_idx)
+        idx = rank_slice(self.sampler.at(self.step_idx), self.rank, self.world)  # this rank's whole groups
+        P = len(idx)
         samples = [self.rl_samples[i] for i in idx]
         p_ids, p_lens = self.rl_prompts.ids[idx], self.rl_prompts.lens[idx]  # [P, Tp], [P]
         anchors = self.rl_anchors[idx]  # [P, R] the ground truth rendered exactly as a response
@@ -247,25 +270,58 @@ class RLTrainer:
                 ro = beam_groups(self.decoder, p_ids, p_lens, group_size=G, max_new_tokens=self.R,
                                  eos_id=self.tok.eos_id, pad_id=pad, constraint=self.constraint)
             else:
+                uniforms = self._global_draw(0, (self.R, self.P * G), axis=1)  # this rank's P*G columns
                 ro = sample_groups(self.decoder, p_ids, p_lens, group_size=G, max_new_tokens=self.R,
-                                   eos_id=self.tok.eos_id, pad_id=pad, rng=self._rng(0), constraint=self.constraint,
-                                   temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, max_rows=r.rollout_rows)
+                                   eos_id=self.tok.eos_id, pad_id=pad, rng=None, constraint=self.constraint,
+                                   temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, max_rows=r.rollout_rows,
+                                   uniforms=uniforms)
         with T("reward"):
             rewards, scores, valid = self._rewards(ro.response_ids, samples)  # [P, G]
             repair_mask = np.ones(P, bool)
             if self.adaptive is not None:
-                repair_mask = self._rng(1).random(P) < self.adaptive.prob
+                repair_mask = self._global_draw(1, (self.P,), axis=0) < self.adaptive.prob
         with T("signal"):
-            sel = select(self.est, rewards, scores, alpha=r.alpha, eps=r.eps, repair_mask=repair_mask,
-                         cell=self.select_cell)
+            sel = select(self.est, rewards, scores, alpha=r.alpha, negative_weight=r.negative_weight, eps=r.eps,
+                         repair_mask=repair_mask, cell=self.select_cell)
             # the physical filter: only the selected rows survive, [P*G, R] -> [B, R]
             rows = gather_rows(ro.response_ids.astype(np.int32), anchors, sel)
             rmask = gather_rows(ro.response_mask, (anchors != pad).astype(np.float32), sel)
             input_ids, _ = pack(p_ids[sel.prompt_index], p_lens[sel.prompt_index], rows, rmask, S, pad)
             loss_mask = rmask.astype(np.float32) * sel.live.astype(np.float32)[:, None]  # [B, R]
+            diag = {}
+            if self.est.boundary:
+                if r.negative_mask == "divergent":
+                    loss_mask = divergent_mask(rows, loss_mask, sel)
+                diag = prefix_histogram(rows, rmask, sel, self.R - 1)
+        with T("entropy"):
+            diag.update(self._entropy(p_ids[sel.prompt_index], p_lens[sel.prompt_index], rows, loss_mask))
         return ActorBatch(input_ids=input_ids, resp_start=p_lens[sel.prompt_index].astype(np.int32),
                           loss_mask=loss_mask, advantages=sel.advantages.astype(np.float32), selection=sel,
-                          rewards=rewards, scores=scores, valid=valid, prompt_index=idx, rollout_ids=ro.response_ids)
+                          rewards=rewards, scores=scores, valid=valid, prompt_index=idx, rollout_ids=ro.response_ids,
+                          diagnostics=diag)
+
+    def _entropy(self, p_ids, p_lens, rows, loss_mask) -> Dict[str, float]:
+        """Mean policy entropy (nats, at rl.temperature) over the actor rows' loss-carrying response positions,
+        over the full vocabulary and over the SID-constrained one: whether pushing a negative down moves mass
+        to tokens no SID uses. Teacher-forced through the rollout's KV decoder, which also covers beam groups
+        (their search keeps no per-token distribution); B = 2P rows for boundary estimators."""
+        mask = loss_mask  # all B rows decode (one static shape; a changing row count would recompile)
+        if not mask.any():
+            return {"policy/entropy_full": float("nan"), "policy/entropy_sid": float("nan")}
+        from recast_ms.rollout.engine import _fit
+
+        full, sid = np.zeros(mask.shape), np.zeros(mask.shape)
+        logits = self.decoder.start(p_ids, p_lens, 1)  # [N, V]
+        for t in range(rows.shape[1]):
+            lg = logits.astype(np.float64) / self.rcfg.temperature
+            full[:, t] = entropy_rows(lg)
+            sid[:, t] = entropy_rows(lg, _fit(self.sid_constraint.mask(t, rows[:, :t]), lg))
+            if t < rows.shape[1] - 1 and mask[:, t + 1:].any():
+                logits = self.decoder.step(rows[:, t])
+            else:
+                break
+        w = mask > 0
+        return {"policy/entropy_full": float(full[w].mean()), "policy/entropy_sid": float(np.nanmean(sid[w]))}
 
     def update(self, batch: ActorBatch) -> Dict[str, float]:
         """Old/ref log-probs and the actor update over micro-batches of a fixed shape."""
@@ -308,21 +364,22 @@ class RLTrainer:
         guard.check_step("RL", self.step_idx + 1, {"loss": stats[0], "pg_loss": stats[1], "kl": stats[2],
                                                    "grad_norm": grad_norm}, self.run_dir, self.init_checkpoint)
         return {"actor/loss": stats[0], "actor/pg_loss": stats[1], "actor/kl": stats[2], "actor/clip_frac": stats[3],
-                "actor/grad_norm": grad_norm, "actor/rows": float(B),
+                "actor/grad_norm": grad_norm,
+                # 1 when the global-norm clip bound this step: its mean over steps is the fraction clipped
+                "actor/grad_clipped": float(0 < r.grad_clip < grad_norm), "actor/rows": float(B),
                 "actor/tokens": float(B * self.cfg.seq_length),  # tokens the actor's forward/backward processes
                 "actor/response_tokens": float(loss_mask.sum()),  # tokens that carry loss
                 "perf/rss_peak_step_mb": current_rss_mb()}
 
     def step(self) -> Dict[str, float]:
-        T, P = self.timer, self.P
+        T = self.timer
         with T("step"):
             batch = self.make_batch()
             upd = self.update(batch)
         self.step_idx += 1
-        rewards = batch.rewards
-        diag = signal_diagnostics(rewards, repaired=batch.repaired if self.est.repair else np.zeros(P, bool))
-        if self.adaptive is not None:
-            self.adaptive.update(diag["signals/naturally_trainable_ratio"])
+        self.last_prompt_index = batch.prompt_index  # this rank's rows of the RL prompt set (msrun's checksum file)
+        rewards = batch.rewards  # [P / world, G]: this rank's groups
+        diag = signal_diagnostics(rewards, repaired=batch.repaired if self.est.repair else np.zeros(len(rewards), bool))
         m = {
             "reward/mean": float(rewards.mean()),
             "reward/group_hit_rate": float((rewards.sum(1) > 0).mean()),
@@ -330,48 +387,80 @@ class RLTrainer:
             "rollout/valid_ratio": float(batch.valid.mean()),
             **diag,
             "signals/active_group_ratio": float(np.mean(batch.active_mask)),
+            **batch.diagnostics,
             **upd,
             "perf/peak_rss_mb": peak_rss_mb(),
             **T.pop(),
         }
-        if self.adaptive is not None:
+        # the global batch's values: every rank holds an equal share, so the mean of rank means is the global mean
+        m = mean_over_ranks(m, self.world, sums=("actor/rows", "actor/tokens", "actor/response_tokens",
+                                                 *(k for k in m if k.startswith("signals/pair_prefix_len_count/"))))
+        if self.adaptive is not None:  # the global ratio: every rank keeps the same repair probability
+            self.adaptive.update(m["signals/naturally_trainable_ratio"])
             m["signals/adaptive_repair_prob"] = self.adaptive.prob
         return m
 
     # ------------------------------------------------------------------ eval + loop
 
-    def evaluate(self, prefix: str = "eval") -> Dict[str, float]:
-        from recast_ms.evaluation import evaluate
+    def evaluate(self, prefix: str = "eval", step: Optional[int] = None) -> Dict[str, float]:
+        """The evaluation's mean metrics; with ``step``, also its per-prompt values in
+        ``<run_dir>/eval_per_prompt/step_<step>.npz`` (``recast_ms.evaluation.write_per_prompt``): a paired
+        bootstrap over prompts (``recast_ms.beyond``) needs them, and every arm scores the same rows in one order."""
+        from recast_ms.evaluation import evaluate, per_prompt_metrics, per_prompt_path, write_per_prompt
 
-        metrics, _ = evaluate(self.decoder, self.eval_samples, self.splits.codebook, self.tok,
-                              seq_length=self.cfg.seq_length, ecfg=self.cfg.eval, prefix=prefix,
-                              with_titles=self.cfg.data.with_titles)
+        metrics, rankings = evaluate(self.decoder, self.eval_samples, self.splits.codebook, self.tok,
+                                     seq_length=self.cfg.seq_length, ecfg=self.cfg.eval, prefix=prefix,
+                                     with_titles=self.cfg.data.with_titles)
+        if step is not None:
+            values = per_prompt_metrics(rankings, [s.target_sids for s in self.eval_samples], self.cfg.eval.ks)
+            write_per_prompt(per_prompt_path(self.run_dir, step), self.eval_rows, values, self.cfg.eval.split)
         return metrics
 
-    def train(self, resume: bool = True, stop_after: Optional[int] = None, evaluate: bool = True) -> List[dict]:
+    def train(self, resume: bool = True, stop_after: Optional[int] = None, evaluate: bool = True,
+              overwrite: bool = False) -> List[dict]:
+        """``overwrite`` lets a new run replace files in the run dir that no recast_ms run wrote."""
+        # rank 0 alone writes, so it alone locks: msrun's data-parallel ranks never lock each other out
+        with ckpt.hold_run_dir(self.run_dir, writer=self.rank == 0) as held:
+            return self._train(held, resume, stop_after, evaluate, overwrite)
+
+    def _train(self, held, resume: bool, stop_after: Optional[int], evaluate: bool, overwrite: bool) -> List[dict]:
         from tqdm import tqdm
 
         resumed = self.resume() if resume else False
         if self.rank == 0:  # a new run clears an earlier run's checkpoints before it saves anything
-            ckpt.claim_run_dir(self.run_dir, self.cfg, resumed)
+            ckpt.claim_run_dir(self.run_dir, self.cfg, resumed, outputs=("metrics.jsonl", "tb", PER_PROMPT_DIR),
+                               overwrite=overwrite)
         log = MetricsLogger(self.run_dir, resume_step=self.step_idx if resumed else None,
                             tensorboard=self.rank == 0) if self.rank == 0 else None
         history = []
         if evaluate and self.step_idx == 0 and self.rank == 0 and self.rcfg.eval_due(0):
-            m0 = self.evaluate()
+            m0 = self.evaluate(step=0)
             log.log(0, m0)
             history.append({"step": 0, **m0})
         bar = tqdm(total=self.rcfg.steps, initial=self.step_idx, desc=f"rl[{self.estimator}]",
                    disable=not self.progress, dynamic_ncols=True)
-        done = 0
+        done = barren = 0
         while self.step_idx < self.rcfg.steps:
+            held.step = self.step_idx
             m = self.step()
+            if m["rollout/valid_ratio"] == 0:
+                barren = barren + 1 if m["actor/grad_norm"] == 0 else 0
+                if self.rank == 0:
+                    logger.warning("RL[%s] step %d: no rollout response names a catalogue item (rl.constrained=%s)",
+                                   self.estimator, self.step_idx, self.rcfg.constrained)
+                if barren >= BARREN_STEPS:  # an error, not exit 0 after a run that never changed the weights
+                    raise RuntimeError(
+                        f"RL[{self.estimator}]: {barren} steps in a row without a valid rollout response and with a "
+                        f"zero update (last step {self.step_idx}): the run trains on nothing; set rl.constrained=true "
+                        "or start from a better SFT checkpoint")
+            else:
+                barren = 0
             bar.update(1)
             bar.set_postfix(reward=f"{m['reward/mean']:.3f}", all0=f"{m['signals/all_zero_group_ratio']:.2f}",
                             loss=f"{m['actor/loss']:.3f}")
             s = self.step_idx
             if evaluate and self.rank == 0 and self.rcfg.eval_due(s):
-                m.update(self.evaluate())
+                m.update(self.evaluate(step=s))
             if log is not None:
                 log.log(s, m)
             history.append({"step": s, **m})

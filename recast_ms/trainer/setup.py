@@ -26,6 +26,20 @@ def load_splits(dcfg: DataConfig) -> Splits:
     return splits
 
 
+def check_rl_inputs(cfg: RunConfig, splits: Splits) -> None:
+    """Pre-flight of what only the data can refuse in an RL config, before a tokenizer, model or run file.
+
+    ``rl.rollout=beam`` takes the G best SID-constrained beams, which are distinct catalogue SIDs: a
+    catalogue with fewer than G failed at the first rollout, after the run directory was written."""
+    from recast_ms.config import ConfigError
+
+    num_sids = len(splits.codebook.sid_to_items)
+    if cfg.rl.rollout == "beam" and cfg.rl.group_size > num_sids:
+        raise ConfigError(f"rl.group_size={cfg.rl.group_size} exceeds the {num_sids} distinct item SIDs of the "
+                          f"{splits.name or cfg.data.source} catalogue: rl.rollout=beam needs that many distinct "
+                          "beams per prompt; lower rl.group_size or use rl.rollout=sample")
+
+
 def get_tokenizer(splits: Splits, tokenizer_dir: str, cfg: RunConfig, *, reuse: bool = True, save: bool = True):
     """The run's tokenizer, made once per run directory and reused (SFT, RL and evaluation share ids).
 
@@ -65,14 +79,16 @@ def current_plan():
     return _PLAN
 
 
-def init_runtime(cfg_or_device=None, world_size: int = 1, parallel: Optional[dict] = None):
+def init_runtime(cfg_or_device=None, world_size: int = 1, parallel: Optional[dict] = None, stage: str = "rl"):
     """Set up MindSpore + MindFormers for a run; returns the applied :class:`recast_ms.runtime.RuntimePlan`.
 
     With a :class:`RunConfig`: its ``runtime`` section chooses the device (``auto`` resolved and logged) and the
-    layout (``recast_ms.runtime.plan_runtime`` for ``world_size`` ranks). With a device string (or None = CPU):
-    the default runtime section on that device (tests, benches). CPU: stand-alone mode, CPU patches, fp32.
-    Ascend: MindFormers' context with the plan's ``use_parallel`` / ``parallel`` / ``parallel_config``
-    (semi-auto-parallel under msrun; written for Ascend, not executed here: no CANN).
+    layout (``recast_ms.runtime.plan_runtime`` for ``world_size`` ranks and ``stage`` ``rl`` / ``sft``). With a
+    device string (or None = CPU): the default runtime section on that device (tests, benches).
+    Data-parallel layouts (CPU; Ascend with TP = PP = 1): stand-alone mode; with ``world_size > 1``
+    ``recast_ms.trainer.distributed.init_data_parallel`` must have run first (MCCL / HCCL), the optimizer
+    cell all-reduces the gradients. CPU adds its patches and fp32. Ascend semi-auto layouts (TP / PP > 1,
+    optimizer parallel) are refused: their training step and rollout engine are issue 23.
     """
     global _PLAN  # pylint: disable=global-statement
     import mindspore as ms
@@ -83,14 +99,26 @@ def init_runtime(cfg_or_device=None, world_size: int = 1, parallel: Optional[dic
     from recast_ms.runtime import plan_from_config, plan_runtime
 
     if isinstance(cfg_or_device, RunConfig):
-        plan, why = plan_from_config(cfg_or_device, world_size)
+        plan, why = plan_from_config(cfg_or_device, world_size, stage)
         logger.info("device %s (%s); layout DP x TP x PP = %d x %d x %d; rollout engine %s", plan.device_target, why,
                     plan.layout.data_parallel, plan.layout.model_parallel, plan.layout.pipeline_stage,
                     plan.rollout_engine)
         for note in plan.notes:
             logger.info("runtime plan: %s", note)
     else:
-        plan = plan_runtime(RunConfig(), cfg_or_device or "CPU", world_size)
+        plan = plan_runtime(RunConfig(), cfg_or_device or "CPU", world_size, stage=stage)
+    if plan.use_parallel:
+        raise NotImplementedError(
+            f"Ascend layout DP x TP x PP = {plan.layout.data_parallel} x {plan.layout.model_parallel} x "
+            f"{plan.layout.pipeline_stage} (optimizer parallel {plan.layout.optimizer_parallel}) needs semi-auto "
+            f"parallel: its training step ({plan.train_wrapper}) and rollout engine '{plan.rollout_engine}' are "
+            "issue 23; data-parallel layouts (TP = PP = 1, no optimizer parallel) run")
+    if plan.world_size > 1:
+        from mindspore.communication import GlobalComm
+
+        if not GlobalComm.INITED:  # the optimizer's AllReduce would fail inside its first graph
+            raise RuntimeError(f"{plan.world_size} ranks but communication is not initialised: call "
+                               "recast_ms.trainer.distributed.init_data_parallel first (under msrun)")
     device_target = plan.device_target
     if device_target == "CPU":
         try:
@@ -103,13 +131,7 @@ def init_runtime(cfg_or_device=None, world_size: int = 1, parallel: Optional[dic
             if not already or ms.get_context("device_target").upper() != device_target.upper():
                 raise
         build_context(device_target, ms.GRAPH_MODE, parallel=parallel)
-    else:  # Ascend: MindFormers' own parallel machinery (communication init, set_auto_parallel_context)
-        if plan.use_parallel and not os.environ.get("RECAST_ASCEND_CONTEXT_ONLY"):
-            raise NotImplementedError(
-                f"Ascend with {plan.world_size} ranks: the runtime plan, context and model layout are written, but the "
-                f"semi-auto-parallel training step ({plan.train_wrapper}) and the rollout engine "
-                f"'{plan.rollout_engine}' are not (README 'On Ascend'). RECAST_ASCEND_CONTEXT_ONLY=1 builds the "
-                "context and the model only.")
+    else:  # Ascend, stand-alone mode: data parallelism is the optimizer cell's HCCL AllReduce, as on CPU
         extra = {k: v for k, v in plan.context.items() if k not in ("mode", "device_target")}
         build_context(device_target, ms.GRAPH_MODE, parallel=plan.parallel, use_parallel=plan.use_parallel,
                       parallel_config=plan.parallel_config, **extra)
@@ -123,11 +145,24 @@ def quiet_stdout():
     return contextlib.redirect_stdout(io.StringIO())
 
 
+def model_layout_kwargs(plan) -> dict:
+    """What the runtime plan gives the model build, the same for a model YAML and a HF checkpoint: on Ascend the
+    plan's dtypes, flash attention, parallel and recompute config; on CPU (or before ``init_runtime``) nothing,
+    ``build_qwen3`` applies the CPU overrides (fp32, no flash, no layout) itself."""
+    if plan is None or plan.device_target == "CPU":
+        return {}
+    return {"parallel_config": plan.parallel_config, "recompute_config": plan.recompute_config, **plan.dtypes,
+            "use_flash_attention": plan.use_flash_attention}
+
+
 def build_model(cfg: RunConfig, tokenizer, seed: int, dropout: float = 0.0):
     """The actor: MindFormers Qwen3 from ``cfg.model_config`` (random init), or from the HF checkpoint
-    ``cfg.hf_checkpoint`` with its vocabulary grown to the tokenizer's (new rows: mean + noise). ``dropout``
-    (SFT only) builds its dropout cells with that probability, off until ``policy.set_dropout`` turns them on."""
+    ``cfg.hf_checkpoint`` (its shapes; its vocabulary grown to the tokenizer's, new rows: mean + noise). Either
+    way the runtime plan's dtypes, flash attention, parallel and recompute config reach the model
+    (:func:`model_layout_kwargs`). ``dropout`` (SFT only) builds its dropout cells with that probability, off
+    until ``policy.set_dropout`` turns them on."""
     extra = {"hidden_dropout": float(dropout)} if dropout else {}
+    extra.update(model_layout_kwargs(_PLAN))
     from recast_ms.models.qwen3 import build_qwen3
 
     vocab = cfg.vocab_size or tokenizer.vocab_size
@@ -143,13 +178,9 @@ def build_model(cfg: RunConfig, tokenizer, seed: int, dropout: float = 0.0):
             return load_hf_qwen3(cfg.hf_checkpoint, seq_length=cfg.seq_length, vocab_size=vocab,
                                  pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id,
                                  new_token_ids=range(base, vocab), init_seed=seed, **extra)
-    plan = _PLAN
-    layout = {}
-    if plan is not None and plan.device_target != "CPU":  # Ascend: the plan's layout and recompute
-        layout = {"parallel_config": plan.parallel_config, "recompute_config": plan.recompute_config}
     with quiet_stdout():
         return build_qwen3(cfg.model_config_path, vocab_size=vocab, seq_length=cfg.seq_length,
-                           pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id, seed=seed, **layout, **extra)
+                           pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id, seed=seed, **extra)
 
 
 def response_len(splits: Splits) -> int:

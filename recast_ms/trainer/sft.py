@@ -5,11 +5,16 @@ oldest history items to fit ``seq_length - (L + 1)`` tokens), so the train step 
 the validation forward once. AdamW with linear warm-up and cosine decay. A checkpoint (weights,
 optimizer moments, step; the batch order is a pure function of (seed, step)) every ``save_every`` steps; a
 killed run resumes from the newest one and loses at most ``save_every`` steps.
+
+Data parallel under msrun (``recast-sft --distributed``): ``sft.batch_size`` is the global batch of a step;
+each rank takes its slice of the same seeded order, the loss is normalised by the global batch's response
+tokens, the optimizer cell averages the gradients and rank 0 alone writes (tokenizer, metrics, checkpoints).
 """
 from __future__ import annotations
 
 import logging
 import os
+import zlib
 from typing import Dict, Optional
 
 import numpy as np
@@ -18,6 +23,7 @@ from recast_ms.config import RunConfig
 from recast_ms.data.batching import EpochSampler, encode_prompts, encode_targets, pack
 from recast_ms.trainer import checkpoint as ckpt
 from recast_ms.trainer import guard
+from recast_ms.trainer.distributed import mean_over_ranks, rank_slice
 from recast_ms.trainer.optim import Optimizer, cosine_lr
 from recast_ms.trainer.setup import build_model, get_tokenizer, init_runtime, load_splits, response_len
 from recast_ms.utils.tracking import MetricsLogger, StageTimer, peak_rss_mb
@@ -32,16 +38,19 @@ def _sft_loss_cell(model, response_len: int):
 
     class SFTLoss(nn.Cell):
         """Token-mean NLL over response tokens. Inputs ``input_ids [B, S]``, ``resp_start [B]``,
-        ``loss_mask [B, R]``."""
+        ``loss_mask [B, R]``, optional ``num_tokens`` scalar: the global batch's loss tokens / ranks (the
+        optimizer averages the ranks' gradients, so their mean is the global token mean); default this batch's."""
 
         def __init__(self):
             super().__init__(auto_prefix=False)
             self.logps = ResponseLogProbs(model, response_len)
 
-        def construct(self, input_ids, resp_start, loss_mask):
+        def construct(self, input_ids, resp_start, loss_mask, num_tokens=None):
             lp = self.logps(input_ids, resp_start)  # [B, R]
             n = loss_mask.sum()
-            return -(lp * loss_mask).sum() / ops.maximum(n, ops.ones_like(n)), n
+            if num_tokens is None:
+                num_tokens = ops.maximum(n, ops.ones_like(n))
+            return -(lp * loss_mask).sum() / num_tokens, n
 
     return SFTLoss()
 
@@ -57,15 +66,24 @@ def encode_split(samples, splits, tok, cfg: RunConfig):
 
 
 def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool = True,
-            stop_after: Optional[int] = None) -> Dict[str, float]:
+            stop_after: Optional[int] = None, overwrite: bool = False, rank: int = 0,
+            world_size: int = 1) -> Dict[str, float]:
     """Train; returns the last logged metrics. ``stop_after`` ends early after that many steps in this
-    call (used by the kill-and-resume test)."""
+    call (used by the kill-and-resume test); ``overwrite`` lets a new run replace files in ``run_dir`` that
+    no recast_ms run wrote (``checkpoint.claim_run_dir``)."""
+    ckpt.check_run_dir(run_dir)
+    # rank 0 alone writes, so it alone locks: msrun's data-parallel ranks never lock each other out
+    with ckpt.hold_run_dir(run_dir, writer=rank == 0) as held:  # one run per directory; Ctrl-C / SIGTERM: one line
+        return _run_sft(cfg, run_dir, held, resume, progress and rank == 0, stop_after, overwrite, rank, world_size)
+
+
+def _run_sft(cfg: RunConfig, run_dir: str, held, resume: bool, progress: bool, stop_after: Optional[int],
+             overwrite: bool, rank: int, world: int) -> Dict[str, float]:
     import mindspore as ms
     from tqdm import tqdm
 
     from recast_ms.models.policy import ResponseLogProbs, set_dropout
 
-    ckpt.check_run_dir(run_dir)
     last = ckpt.latest_checkpoint(run_dir) if resume else None
     if last:  # before anything is built: a checkpoint cannot continue under another shape
         ckpt.check_resume(run_dir, cfg, last, "sft")
@@ -76,7 +94,14 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
     tok_dir = os.path.join(run_dir, "tokenizer")
     # the tokenizer belongs to the run: reused on resume, made anew (and saved with config.yaml) otherwise
     tok = get_tokenizer(splits, tok_dir, cfg, reuse=bool(last), save=False)
-    init_runtime(cfg)
+    init_runtime(cfg, world, stage="sft")
+    # each rank made the tokenizer from the same data; a different one would train other ids (not under DryRun:
+    # its collectives return dummies)
+    if world > 1 and not os.environ.get("MS_SIMULATION_LEVEL"):
+        pieces = repr([tok.id_to_token(i) for i in range(tok.vocab_size)]).encode()
+        mine = {"tok/vocab": float(tok.vocab_size), "tok/crc": float(zlib.crc32(pieces) % 65536)}  # exact in fp32
+        if mean_over_ranks(mine, world) != mine:
+            raise RuntimeError(f"rank {rank}: its tokenizer differs from the other ranks' (vocab {tok.vocab_size})")
     model = build_model(cfg, tok, seed=cfg.seed, dropout=s.dropout)
     train_ids, train_start, train_mask = encode_split(splits.train, splits, tok, cfg)
     n_val = min(len(splits.valid), 4 * s.batch_size)
@@ -85,24 +110,28 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
     R = response_len(splits)
     # one micro-batch per step: forward, backward and AdamW in one graph, no gradient buffers
     opt = Optimizer(_sft_loss_cell(model, R), model.trainable_params(), lr=s.lr, weight_decay=s.weight_decay,
-                    grad_clip=s.grad_clip, name="sft", fused=True)
+                    grad_clip=s.grad_clip, name="sft", fused=True, world_size=world)
     # the batch of step t is a pure function of (seed, t): a resume needs the step alone
     batches = EpochSampler(len(train_ids), s.batch_size, cfg.seed, chained=True)
     step = 0
     if last:
         step = ckpt.load_train_state(last, model, opt)["step"]
         logger.info("resumed SFT from %s (step %d)", last, step)
-    ckpt.claim_run_dir(run_dir, cfg, resumed=bool(last))  # a new run clears the old checkpoints first
-    if not last:
-        tok.save(tok_dir)
+    writer = rank == 0  # under msrun rank 0 alone writes the run directory
+    if writer:
+        ckpt.claim_run_dir(run_dir, cfg, resumed=bool(last), outputs=("tokenizer", "sft_metrics.jsonl", "tb"),
+                           overwrite=overwrite)  # a new run clears the old run's files first
+        if not last:
+            tok.save(tok_dir)
     if step >= s.steps:
         logger.warning("%s: SFT is already at step %d (sft.steps=%d): nothing to train", run_dir, step, s.steps)
     logps_fn = ResponseLogProbs(model, R)
-    log = MetricsLogger(run_dir, resume_step=step if last else None, filename="sft_metrics.jsonl")
+    log = MetricsLogger(run_dir, resume_step=step if last else None, filename="sft_metrics.jsonl") if writer else None
     timer = StageTimer()
 
     def save(at_step):
-        ckpt.save_train_state(run_dir, at_step, model, opt, {"phase": "sft"}, what="SFT")
+        if writer:
+            ckpt.save_train_state(run_dir, at_step, model, opt, {"phase": "sft"}, what="SFT", keep=s.keep_checkpoints)
 
     def val_loss() -> float:
         set_dropout(model, False)  # the validation graph compiles (and so stays) without dropout
@@ -128,11 +157,14 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
     grad_norms = []
     set_dropout(model, True)  # the training step's graph compiles with dropout (a no-op at sft.dropout=0)
     while step < s.steps:
+        held.step = step
         lr = cosine_lr(step, s.steps, s.lr, s.warmup_steps, s.min_lr_ratio)
-        idx = batches.at(step)
+        global_idx = batches.at(step)
+        idx = rank_slice(global_idx, rank, world)  # this rank's rows of the global batch
+        num_tokens = ms.Tensor(np.float32(max(float(train_mask[global_idx].sum()), 1.0) / world))
         with timer("step"):
             outs, grad_norm = opt.train_step(
-                [(ms.Tensor(train_ids[idx]), ms.Tensor(train_start[idx]), ms.Tensor(train_mask[idx]))], lr)
+                [(ms.Tensor(train_ids[idx]), ms.Tensor(train_start[idx]), ms.Tensor(train_mask[idx]), num_tokens)], lr)
         loss = float(outs[0][0].asnumpy())
         guard.check_step("SFT", step + 1, {"loss": loss, "grad_norm": grad_norm}, run_dir)
         grad_norms.append(grad_norm)
@@ -143,18 +175,21 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
         if step % s.log_every == 0 or step == s.steps:
             since = step - last_log
             last_log = step
+            loss = mean_over_ranks({"sft/loss": loss}, world)["sft/loss"]  # the global batch's token mean
             metrics = {"sft/loss": loss, "sft/lr": lr, "sft/grad_norm": grad_norm, "sft/epoch": batches.epoch_of(step - 1),
                        "perf/peak_rss_mb": peak_rss_mb(),
                        # seconds per step over the interval; memory_mb/* as measured
                        **{k: v / since if k.startswith("timing_s/") else v for k, v in timer.pop().items()}}
             if step % s.eval_every == 0 or step == s.steps:
                 metrics["sft/val_loss"] = val_loss()
-            log.log(step, metrics)
+            if log is not None:
+                log.log(step, metrics)
         if step % s.save_every == 0 or step == s.steps:
             save(step)
         if stop_after is not None and done_here >= stop_after:
             break
     bar.close()
-    log.close()
+    if log is not None:
+        log.close()
     guard.warn_if_no_update("SFT", grad_norms)
     return metrics

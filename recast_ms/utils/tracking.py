@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import resource
@@ -59,8 +60,7 @@ class MetricsLogger:
         os.makedirs(out_dir, exist_ok=True)
         self.path = os.path.join(out_dir, filename)
         if resume_step is not None and os.path.exists(self.path):
-            with open(self.path) as f:
-                keep = [l for l in f if l.strip() and json.loads(l).get("step", -1) <= resume_step]
+            keep = [json.dumps(r) + "\n" for r in read_jsonl(self.path) if r.get("step", -1) <= resume_step]
             with open(self.path, "w") as f:
                 f.writelines(keep)
         elif resume_step is None and os.path.exists(self.path):
@@ -92,5 +92,24 @@ class MetricsLogger:
 
 
 def read_jsonl(path: str):
+    """The rows of a JSONL file. Its last line, unparseable and without its newline, is a write a kill cut short
+    (rows are written whole, newline included): skipped with a warning. Any other unparseable line is a
+    :class:`recast_ms.config.ConfigError` naming the file and line (the commands print it as one line)."""
     with open(path) as f:
-        return [json.loads(l) for l in f if l.strip()]
+        lines = f.readlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            if i == len(lines) and not line.endswith("\n"):
+                logging.getLogger(__name__).warning("%s: line %d is cut short (a run stopped mid-write); skipped",
+                                                    path, i)
+                continue
+            from recast_ms.config import ConfigError
+
+            raise ConfigError(f"{path}: line {i} is not JSON ({e}); only a last line without its newline is taken "
+                              "for a cut-short write, so the file is corrupt: repair or remove it") from None
+    return rows

@@ -1,0 +1,365 @@
+"""Compile a run's Ascend graphs on a machine without Ascend (MindSpore DryRun) and report their memory.
+
+MindSpore's DryRun (``MS_SIMULATION_LEVEL=1``; MindSpore tutorials, "Debugging / DryRun") mocks every
+device-side call and runs only the host side: each graph is compiled for Ascend exactly as on a cluster, its
+kernels are selected and its device memory is planned, while the device outputs are dummies. MindSpore's
+Ascend plugin still links against CANN; ``../shared/tools/ascend-dryrun/build.sh`` builds a stand-in for it
+(every function returns 0). Nothing here needs an Ascend device.
+
+:func:`dryrun` runs, for each chosen rank and each phase (``sft``: one SFT step and the validation forward;
+``rl``: one RL step: KV-decoder rollout, the estimator's selection, reference forward, actor update), one
+process with ``RANK_SIZE`` / ``RANK_ID`` set, in a scratch directory (DryRun writes ``execute_order/``,
+``rank_0/`` and ``offload/`` into the working directory). Per rank and graph it reports compiled yes/no and the
+simulated device peak: per graph from MindSpore's memory pool (``mindspore.runtime.max_memory_allocated``, reset
+before each graph's first call), per phase from the lines MindSpore prints when the device is released
+(``Used peak memory usage (without fragments)`` / ``Actual peak memory usage (with fragments)``).
+
+That memory is MindSpore's static plan of the device memory (operator workspaces excluded), never checked
+against Ascend hardware: a model of the cluster's memory, not a measurement. Compilation, kernel selection and
+collectives are MindSpore's own: a graph that does not compile here does not compile on a cluster.
+
+Host memory: the model is built under MindSpore's ``no_init_parameters``, so random initial weights are never
+materialised on the host (the device side is mocked, so compiled graphs never need their values).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence
+
+PHASES = ("sft", "rl")
+NOTE = ("DryRun needs no Ascend device: MindSpore compiles every graph for Ascend against a stand-in of CANN and "
+        "mocks the device. peak_mb is MindSpore's simulated device-memory plan (operator workspaces excluded): a "
+        "model of the cluster's memory, not a measurement.")
+# printed by MindSpore (WARNING) when a process releases its simulated device
+USED_PEAK = re.compile(r"Used peak memory usage \(without fragments\):\s*(\d+)M")
+ACTUAL_PEAK = re.compile(r"Actual peak memory usage \(with fragments\):\s*(\d+)M")
+BUILD_SH = os.path.join("tools", "ascend-dryrun", "build.sh")
+RESULT_FILE = "dryrun_result.json"
+# communication kernels in DryRun's execute_order/*.csv (one row per kernel launched, every graph of the process)
+COLLECTIVE = re.compile(r'"[^"]*/(AllReduce|AllGather|ReduceScatter|Broadcast|AlltoAll|Send|Receive)-op\d+"')
+
+
+class StubUnavailable(RuntimeError):
+    """The CANN stand-in is neither cached nor buildable here; the message says why."""
+
+
+def repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shared_dir() -> str:
+    return os.environ.get("RECAST_SHARED", os.path.join(os.path.dirname(repo_root()), "shared"))
+
+
+def default_stub_dir() -> str:
+    return os.environ.get("ASCEND_DRYRUN_HOME", os.path.join(os.path.expanduser("~"), ".cache", "ascend-dryrun"))
+
+
+def find_stub(stub_dir: Optional[str] = None) -> str:
+    """The stand-in's directory (holding ``env.sh``): ``stub_dir`` as given, else the cache, built there with
+    ``../shared/tools/ascend-dryrun/build.sh`` when absent. Raises :class:`StubUnavailable` naming the reason."""
+    if stub_dir:
+        if not os.path.exists(os.path.join(stub_dir, "env.sh")):
+            raise StubUnavailable(f"--stub {stub_dir}: no env.sh there (build it with bash {BUILD_SH} {stub_dir})")
+        return stub_dir
+    out = default_stub_dir()
+    if os.path.exists(os.path.join(out, "env.sh")):
+        return out
+    script = os.path.join(shared_dir(), BUILD_SH)
+    if not os.path.exists(script):
+        raise StubUnavailable(f"no CANN stand-in in {out} and no {script} to build it (../shared is not beside the repo)")
+    if shutil.which("gcc") is None:
+        raise StubUnavailable(f"no CANN stand-in in {out} and no gcc to build it with {script}")
+    proc = subprocess.run(["bash", script, out], env={**os.environ, "PY": sys.executable}, capture_output=True,
+                          text=True, check=False)
+    if proc.returncode or not os.path.exists(os.path.join(out, "env.sh")):
+        raise StubUnavailable(f"{script} failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()[-500:]}")
+    return out
+
+
+def stub_env(stub: str) -> Dict[str, str]:
+    """``os.environ`` plus what the stand-in's ``env.sh`` exports (its variables are its own business)."""
+    proc = subprocess.run(["bash", "-c", 'source "$0" && env -0', os.path.join(stub, "env.sh")], capture_output=True,
+                          check=True)
+    env = dict(item.split("=", 1) for item in proc.stdout.decode().split("\0") if "=" in item)
+    env["MS_SIMULATION_LEVEL"] = "1"  # level 0 compiles without the memory statistics
+    return env
+
+
+def parse_ranks(spec: str, world_size: int) -> List[int]:
+    """``"0,N-1"`` (``N`` = the world size), ``"0,7"`` or ``"all"`` -> sorted rank ids in ``[0, world_size)``."""
+    if spec == "all":
+        return list(range(world_size))
+    ranks = set()
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(?:(\d+)|N\s*-\s*(\d+))\s*", part)
+        rank = (int(m.group(1)) if m.group(1) else world_size - int(m.group(2))) if m else -1
+        if not 0 <= rank < world_size:
+            raise ValueError(f"--ranks {spec!r}: {part.strip()!r} is not a rank in [0, {world_size})")
+        ranks.add(rank)
+    return sorted(ranks)
+
+
+def parse_peaks(log: str) -> Dict[str, Optional[int]]:
+    """MindSpore's simulated peak (MB) of one process, from its log; None where it printed none."""
+    used, actual = USED_PEAK.findall(log), ACTUAL_PEAK.findall(log)
+    return {"peak_mb": max(map(int, used)) if used else None,
+            "peak_with_fragments_mb": max(map(int, actual)) if actual else None}
+
+
+def snapshot_source(root: str) -> str:
+    """A copy of the ``recast_ms`` package under ``root`` (the rest of the repository and ``../shared`` linked, so
+    relative paths resolve as before); returns the copy's repository root. MindSpore reads each ``construct``'s
+    source text when it compiles the graph, minutes after the import: a file edited meanwhile makes the compile fail
+    with a misleading error (seen: "name 'ResponseLogProbs' is not defined")."""
+    src = repo_root()
+    shutil.rmtree(os.path.join(root, "src"), ignore_errors=True)
+    dest = os.path.join(root, "src", os.path.basename(src))
+    os.makedirs(dest)
+    for name in os.listdir(src):
+        if name == "recast_ms":
+            shutil.copytree(os.path.join(src, name), os.path.join(dest, name),
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        elif not name.startswith("."):
+            os.symlink(os.path.join(src, name), os.path.join(dest, name))
+    if os.path.isdir(shared_dir()):
+        os.symlink(shared_dir(), os.path.join(root, "src", "shared"))
+    return dest
+
+
+def count_collectives(workdir: str) -> Dict[str, int]:
+    """Collective kernels the process's graphs launch (the data-parallel gradient AllReduce shows here). DryRun
+    writes ``execute_order/`` on one device, ``rank_<id>/execute_order/`` once communication is initialised."""
+    counts: Dict[str, int] = {}
+    for path in sorted(glob.glob(os.path.join(workdir, "execute_order", "execute_order.csv"))
+                       + glob.glob(os.path.join(workdir, "rank_*", "execute_order", "execute_order.csv"))):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for op in COLLECTIVE.findall(f.read()):
+                counts[op] = counts.get(op, 0) + 1
+    return counts
+
+
+def run_phase(config: Optional[str], overrides: Sequence[str], world_size: int, rank: int, phase: str, env: Dict[str, str],
+              workdir: str, timeout: float, source: Optional[str] = None) -> dict:
+    """One (rank, phase) worker process in ``workdir``, importing ``recast_ms`` from ``source`` (default: this
+    repository): its graphs, MindSpore's peak, wall time, host peak RSS."""
+    os.makedirs(workdir, exist_ok=True)
+    spec = {"config": os.path.abspath(config) if config else None, "overrides": list(overrides), "phase": phase,
+            "world_size": world_size, "rank": rank}
+    with open(os.path.join(workdir, "spec.json"), "w", encoding="utf-8") as f:
+        json.dump(spec, f)
+    penv = dict(env, RANK_SIZE=str(world_size), RANK_ID=str(rank), GLOG_v=env.get("RECAST_DRYRUN_GLOG", "2"),
+                PYTHONPATH=os.pathsep.join(p for p in (source or repo_root(), env.get("PYTHONPATH")) if p))
+    log_path = os.path.join(workdir, "worker.log")
+    t0 = time.time()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "recast_ms.dryrun", "--worker", workdir], cwd=workdir, env=penv,
+                                stdout=log, stderr=subprocess.STDOUT)
+        deadline = t0 + timeout
+        status, usage = 0, None
+        while True:  # wait4: this child's own peak RSS (getrusage(RUSAGE_CHILDREN) would mix ranks)
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.time() > deadline:
+                proc.kill()
+                _, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.5)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.time() - t0
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    result = {"graphs": {}, "error": None}
+    res_path = os.path.join(workdir, RESULT_FILE)
+    if os.path.exists(res_path):
+        with open(res_path, encoding="utf-8") as f:
+            result.update(json.load(f))
+    if proc.returncode and not result["error"]:
+        tail = " | ".join(text.strip().splitlines()[-3:])[-600:]
+        why = f"timed out after {timeout:.0f} s" if wall >= timeout else f"exit code {proc.returncode}"
+        result["error"] = f"rank {rank} {phase}: worker {why}; log {log_path}: {tail}"
+    result.update(parse_peaks(text), collectives=count_collectives(workdir), wall_s=round(wall, 1),
+                  host_peak_rss_mb=round(usage.ru_maxrss / 1024), log=log_path)
+    result["compiled"] = result["error"] is None and bool(result["graphs"]) and \
+        all(g["compiled"] for g in result["graphs"].values())
+    return result
+
+
+def dryrun(config: Optional[str], overrides: Sequence[str] = (), world_size: int = 1, ranks: Sequence[int] = (0,),
+           phases: Sequence[str] = PHASES, stub: Optional[str] = None, scratch: Optional[str] = None,
+           timeout: float = 3600.0, keep: bool = False, echo=None) -> dict:
+    """The report of :mod:`recast_ms.dryrun` (module docstring) for ``ranks`` of a ``world_size`` launch.
+
+    One process per (rank, phase), one after the other (a big model's compile takes most of this machine's
+    memory). ``scratch`` (default: a new temporary directory, removed unless ``keep``) holds their working
+    directories and logs."""
+    report = {"config": config, "world_size": world_size, "overrides": list(overrides), "note": NOTE,
+              "ranks": {}, "error": None}
+    try:
+        env = stub_env(find_stub(stub))
+    except StubUnavailable as err:
+        report["error"] = str(err)
+        return report
+    root = scratch or tempfile.mkdtemp(prefix="recast_dryrun_")
+    try:
+        source = snapshot_source(root)
+        for rank in ranks:
+            entry = {"compiled": True, "peak_mb": None, "peak_with_fragments_mb": None, "graphs": {}, "phases": {}}
+            for phase in phases:
+                res = run_phase(config, overrides, world_size, rank, phase, env,
+                                os.path.join(root, f"rank{rank}_{phase}"), timeout, source)
+                entry["graphs"].update(res.pop("graphs"))
+                entry["compiled"] = entry["compiled"] and res["compiled"]
+                for key in ("peak_mb", "peak_with_fragments_mb"):
+                    if res[key] is not None:
+                        entry[key] = max(entry[key] or 0, res[key])
+                if res["error"] and not report["error"]:
+                    report["error"] = res["error"]
+                if not keep:
+                    res.pop("log")
+                entry["phases"][phase] = res
+                if echo:
+                    echo(f"rank {rank} {phase}: compiled {res['compiled']}, simulated peak {res['peak_mb']} MB "
+                         f"({res['peak_with_fragments_mb']} MB with fragments), {res['wall_s']} s, host peak RSS "
+                         f"{res['host_peak_rss_mb']} MB" + (f"; error: {res['error']}" if res["error"] else ""))
+            report["ranks"][str(rank)] = entry
+    finally:
+        if scratch is None and not keep:
+            shutil.rmtree(root, ignore_errors=True)
+    return report
+
+
+# ----------------------------------------------------------------------------- the worker (one rank, one phase)
+
+
+class _Probe:
+    """Stands in for a graph callable: on its first call, resets MindSpore's peak-memory counter, runs it (compile +
+    simulated run) and records compiled yes/no and the pool's peak under ``graphs[name]``."""
+
+    def __init__(self, name: str, fn, graphs: dict):
+        self.name, self.fn, self.graphs = name, fn, graphs
+
+    def __call__(self, *args, **kwargs):
+        if self.name in self.graphs:
+            return self.fn(*args, **kwargs)
+        import mindspore as ms  # pylint: disable=import-outside-toplevel
+
+        ms.runtime.reset_peak_memory_stats()
+        self.graphs[self.name] = {"compiled": False, "peak_mb": None}
+        t0 = time.time()
+        print(f"[dryrun] {self.name}: compiling", flush=True)
+        out = self.fn(*args, **kwargs)
+        print(f"[dryrun] {self.name}: compiled and ran in {time.time() - t0:.1f} s", flush=True)
+        self.graphs[self.name] = {"compiled": True, "peak_mb": round(ms.runtime.max_memory_allocated() / 2**20)}
+        return out
+
+    def __getattr__(self, item):
+        return getattr(self.fn, item)
+
+
+def _dryrun_config(spec: dict):
+    """The run config of one phase: the user's, on Ascend, one step; the model YAML's vocabulary when neither
+    ``vocab_size`` nor ``hf_checkpoint`` sets one (a launch passes the checkpoint, whose vocabulary that is)."""
+    from recast_ms.config import load_config
+    from recast_ms.runtime import read_model_yaml
+
+    forced = ["runtime.device_target=Ascend", "sft.steps=1", "rl.steps=1"]
+    cfg = load_config(spec["config"], list(spec["overrides"]) + forced)
+    if not cfg.vocab_size and not cfg.hf_checkpoint:
+        cfg.vocab_size = int(read_model_yaml(cfg.model_config_path)["model"]["model_config"].get("vocab_size") or 0)
+    return cfg
+
+
+def _sft_phase(cfg, rank: int, world: int, graphs: dict):
+    """The graphs of ``recast_ms.trainer.sft.run_sft``'s step and validation forward on this rank's rows (no
+    checkpoint: at model scale it would write the weights and moments)."""
+    import mindspore as ms
+    import numpy as np
+    from mindspore.nn.utils import no_init_parameters
+
+    from recast_ms.models.policy import ResponseLogProbs
+    from recast_ms.trainer.optim import Optimizer
+    from recast_ms.trainer.setup import build_model, get_tokenizer, init_runtime, load_splits, response_len
+    from recast_ms.trainer.sft import _sft_loss_cell, encode_split
+
+    splits = load_splits(cfg.data)
+    tok = get_tokenizer(splits, os.path.abspath("tokenizer"), cfg)
+    init_runtime(cfg, world, stage="sft")
+    with no_init_parameters():
+        model = build_model(cfg, tok, seed=cfg.seed, dropout=cfg.sft.dropout)
+    R, rows = response_len(splits), cfg.sft.batch_size // world  # sft.batch_size is global
+    ids, start, mask = (ms.Tensor(a) for a in encode_split(splits.train[:rows], splits, tok, cfg))
+    num_tokens = ms.Tensor(np.float32(rows * R))
+    opt = Optimizer(_sft_loss_cell(model, R), model.trainable_params(), lr=cfg.sft.lr, name="sft",
+                    grad_clip=cfg.sft.grad_clip, weight_decay=cfg.sft.weight_decay, world_size=world, fused=True)
+    _Probe("sft/train_step", opt.train_step, graphs)([(ids, start, mask, num_tokens)], cfg.sft.lr)
+    _Probe("sft/val_forward", ResponseLogProbs(model, R), graphs)(ids, start).asnumpy()
+
+
+def _rl_phase(cfg, rank: int, world: int, graphs: dict):
+    from mindspore.nn.utils import no_init_parameters
+
+    from recast_ms.trainer.rl import RLTrainer
+
+    with no_init_parameters():
+        trainer = RLTrainer(cfg, os.path.abspath("rl"), None, os.path.abspath("tokenizer"), progress=False, rank=rank,
+                            world_size=world)
+    dec = trainer.decoder
+    for attr, name in (("_prefill", "rl/rollout_prefill"), ("_step", "rl/rollout_decode"),
+                       ("_step_gather", "rl/rollout_decode_gather")):
+        if hasattr(dec, attr):
+            setattr(dec, attr, _Probe(name, getattr(dec, attr), graphs))
+    if trainer.select_cell is not None:
+        trainer.select_cell = _Probe(f"rl/select_{trainer.estimator}", trainer.select_cell, graphs)
+    if trainer.ref_logps_fn is not None:
+        trainer.ref_logps_fn = _Probe("rl/reference_forward", trainer.ref_logps_fn, graphs)
+    if not trainer.on_policy:
+        trainer.actor_logps_fn = _Probe("rl/old_logps", trainer.actor_logps_fn, graphs)
+    trainer.opt.train_step = _Probe(f"rl/actor_update_{trainer.estimator}", trainer.opt.train_step, graphs)
+    trainer.step()
+
+
+def worker(workdir: str) -> int:
+    """Run one (rank, phase) in ``workdir`` (its cwd); writes :data:`RESULT_FILE` even when a graph fails."""
+    from recast_ms.cli import configure_environment, setup_logging
+
+    configure_environment()
+    setup_logging()
+    print(f"[dryrun] recast_ms from {os.path.dirname(os.path.abspath(__file__))}", flush=True)
+    with open(os.path.join(workdir, "spec.json"), encoding="utf-8") as f:
+        spec = json.load(f)
+    graphs: dict = {}
+    result = {"graphs": graphs, "error": None}
+    rank, world = spec["rank"], spec["world_size"]
+    try:
+        cfg = _dryrun_config(spec)
+        if world > 1:
+            from recast_ms.trainer.distributed import init_data_parallel
+
+            rank, world = init_data_parallel("Ascend")
+        {"sft": _sft_phase, "rl": _rl_phase}[spec["phase"]](cfg, rank, world, graphs)
+    except Exception as err:  # pylint: disable=broad-except  # reported per graph; the parent decides
+        failed = [name for name, g in graphs.items() if not g["compiled"]]
+        where = f" in graph {failed[0]}" if failed else ""
+        result["error"] = f"rank {spec['rank']} {spec['phase']}{where}: {type(err).__name__}: {err}"[:2000]
+        import traceback
+
+        traceback.print_exc()
+    with open(os.path.join(workdir, RESULT_FILE), "w", encoding="utf-8") as f:
+        json.dump(result, f)
+    return 0 if result["error"] is None else 1
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        sys.exit(worker(sys.argv[2]))
+    sys.exit("usage: recast-dryrun (recast_ms.commands.dryrun); python -m recast_ms.dryrun --worker DIR is internal")
