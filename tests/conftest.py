@@ -11,4 +11,7 @@ configure_environment()  # MS_DEV_HOST_BLOCKING_RUN=1, GLOG_v=3: what every comm
 
 def pytest_configure(config):
     # run by CI like every other test (no skip-by-default); `-m "not slow"` leaves them out of a quick local loop
+    # process-group and signal tests run in their own single-process pytest pass (.ci/run's second command): in an
+    # xdist worker the launcher's TERM cleanup left msrun's processes behind (seen 2026-12-06; single-process passes)
+    config.addinivalue_line("markers", "serial: signal / process-cleanup test, run outside pytest-xdist (-m serial)")
     config.addinivalue_line("markers", "slow: runs a script or command end to end (seconds to a minute each)")

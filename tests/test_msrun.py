@@ -222,6 +222,7 @@ def test_launcher_names_argument_errors(tmp_path):
         assert rc == 2 and msg in out and not timed_out, (args, out)
 
 
+@pytest.mark.serial
 @needs_msrun
 def test_busy_port_fails_fast_without_workers(tmp_path):
     script = tmp_path / "idle_worker.py"
@@ -241,6 +242,7 @@ def test_busy_port_fails_fast_without_workers(tmp_path):
     assert time.time() - t0 < 60 and not left
 
 
+@pytest.mark.serial
 @needs_msrun
 def test_dead_worker_stops_the_job_and_leaves_no_process(tmp_path):
     """Rank 1 dies after the cluster formed; rank 0 would wait in its next collective for MS_NODE_TIMEOUT."""
@@ -261,6 +263,7 @@ def test_dead_worker_stops_the_job_and_leaves_no_process(tmp_path):
     print(f"dead worker detected and the job stopped in {time.time() - t0:.0f}s")
 
 
+@pytest.mark.serial
 @needs_msrun
 def test_terminated_launcher_leaves_no_workers(tmp_path):
     """Before: killing the launcher left msrun's workers running (msrun puts them in their own groups)."""

@@ -133,6 +133,7 @@ def _stop(proc, sig):
     return proc.returncode, err
 
 
+@pytest.mark.serial
 def test_a_second_run_is_refused_and_signals_end_with_a_resume_line(tmp_path):
     pytest.importorskip("mindspore")
     run = tmp_path / "run"
@@ -169,6 +170,7 @@ def _alive(pid):
         return False
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_command_stops_its_stage_process_on_a_signal(tmp_path, signum):
     """recast-main and recast-grid run stages as children (run_child): a signal to the command stops the child's
