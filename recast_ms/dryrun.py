@@ -148,12 +148,12 @@ def count_collectives(workdir: str) -> Dict[str, int]:
 
 
 def run_phase(config: Optional[str], overrides: Sequence[str], world_size: int, rank: int, phase: str, env: Dict[str, str],
-              workdir: str, timeout: float, source: Optional[str] = None) -> dict:
+              workdir: str, timeout: float, source: Optional[str] = None, layers: int = 0) -> dict:
     """One (rank, phase) worker process in ``workdir``, importing ``recast_ms`` from ``source`` (default: this
     repository): its graphs, MindSpore's peak, wall time, host peak RSS."""
     os.makedirs(workdir, exist_ok=True)
     spec = {"config": os.path.abspath(config) if config else None, "overrides": list(overrides), "phase": phase,
-            "world_size": world_size, "rank": rank}
+            "world_size": world_size, "rank": rank, "layers": int(layers)}
     with open(os.path.join(workdir, "spec.json"), "w", encoding="utf-8") as f:
         json.dump(spec, f)
     penv = dict(env, RANK_SIZE=str(world_size), RANK_ID=str(rank), GLOG_v=env.get("RECAST_DRYRUN_GLOG", "2"),
@@ -196,13 +196,15 @@ def run_phase(config: Optional[str], overrides: Sequence[str], world_size: int, 
 
 def dryrun(config: Optional[str], overrides: Sequence[str] = (), world_size: int = 1, ranks: Sequence[int] = (0,),
            phases: Sequence[str] = PHASES, stub: Optional[str] = None, scratch: Optional[str] = None,
-           timeout: float = 3600.0, keep: bool = False, echo=None) -> dict:
+           timeout: float = 3600.0, keep: bool = False, echo=None, layers: int = 0) -> dict:
     """The report of :mod:`recast_ms.dryrun` (module docstring) for ``ranks`` of a ``world_size`` launch.
 
     One process per (rank, phase), one after the other (a big model's compile takes most of this machine's
-    memory). ``scratch`` (default: a new temporary directory, removed unless ``keep``) holds their working
+    memory). ``layers`` (> 0) compiles the model YAML at that depth, its width unchanged (a model too big for this
+    host's memory is compiled at 2 and 4 layers and its peak extrapolated per layer). ``scratch`` (default: a new temporary directory, removed unless ``keep``) holds their working
     directories and logs."""
-    report = {"config": config, "world_size": world_size, "overrides": list(overrides), "note": NOTE,
+    report = {"config": config, "world_size": world_size, "overrides": list(overrides), "layers": int(layers) or None,
+              "note": NOTE,
               "ranks": {}, "error": None}
     try:
         env = stub_env(find_stub(stub))
@@ -216,7 +218,7 @@ def dryrun(config: Optional[str], overrides: Sequence[str] = (), world_size: int
             entry = {"compiled": True, "peak_mb": None, "peak_with_fragments_mb": None, "graphs": {}, "phases": {}}
             for phase in phases:
                 res = run_phase(config, overrides, world_size, rank, phase, env,
-                                os.path.join(root, f"rank{rank}_{phase}"), timeout, source)
+                                os.path.join(root, f"rank{rank}_{phase}"), timeout, source, layers)
                 entry["graphs"].update(res.pop("graphs"))
                 entry["compiled"] = entry["compiled"] and res["compiled"]
                 for key in ("peak_mb", "peak_with_fragments_mb"):
@@ -245,10 +247,13 @@ class _Probe:
     """Stands in for a graph callable: on its first call, resets MindSpore's peak-memory counter, runs it (compile +
     simulated run) and records compiled yes/no and the pool's peak under ``graphs[name]``."""
 
-    def __init__(self, name: str, fn, graphs: dict):
-        self.name, self.fn, self.graphs = name, fn, graphs
+    def __init__(self, name: str, fn, graphs: dict, by_rows: bool = False):
+        self.base, self.fn, self.graphs, self.by_rows = name, fn, graphs, by_rows
+        self.name = name
 
     def __call__(self, *args, **kwargs):
+        if self.by_rows:  # a new batch size is a new graph
+            self.name = f"{self.base}_{args[0].shape[0]}rows"
         if self.name in self.graphs:
             return self.fn(*args, **kwargs)
         import mindspore as ms  # pylint: disable=import-outside-toplevel
@@ -274,6 +279,15 @@ def _dryrun_config(spec: dict):
 
     forced = ["runtime.device_target=Ascend", "sft.steps=1", "rl.steps=1"]
     cfg = load_config(spec["config"], list(spec["overrides"]) + forced)
+    if spec.get("layers"):  # the real width at a reduced depth (per-layer extrapolation of the peak)
+        import yaml
+
+        raw = read_model_yaml(cfg.model_config_path)
+        raw["model"]["model_config"]["num_hidden_layers"] = int(spec["layers"])
+        path = os.path.abspath(f"model_{spec['layers']}layers.yaml")
+        with open(path, "w", encoding="utf-8") as f:
+            yaml.safe_dump(raw, f, sort_keys=False)
+        cfg.model_config = path
     if not cfg.vocab_size and not cfg.hf_checkpoint:
         cfg.vocab_size = int(read_model_yaml(cfg.model_config_path)["model"]["model_config"].get("vocab_size") or 0)
     return cfg
@@ -318,14 +332,33 @@ def _rl_phase(cfg, rank: int, world: int, graphs: dict):
                        ("_step_gather", "rl/rollout_decode_gather")):
         if hasattr(dec, attr):
             setattr(dec, attr, _Probe(name, getattr(dec, attr), graphs))
+    if hasattr(dec, "_logits_at"):  # the sharded rollout: one graph per row count (P prompts, then P*G samples)
+        dec._logits_at = _Probe("rl/rollout_forward", dec._logits_at, graphs, by_rows=True)
     if trainer.select_cell is not None:
         trainer.select_cell = _Probe(f"rl/select_{trainer.estimator}", trainer.select_cell, graphs)
-    if trainer.ref_logps_fn is not None:
-        trainer.ref_logps_fn = _Probe("rl/reference_forward", trainer.ref_logps_fn, graphs)
+    if trainer.reference is not None:
+        trainer.reference.logps_fn = _Probe("rl/reference_forward", trainer.reference.logps_fn, graphs)
     if not trainer.on_policy:
-        trainer.actor_logps_fn = _Probe("rl/old_logps", trainer.actor_logps_fn, graphs)
-    trainer.opt.train_step = _Probe(f"rl/actor_update_{trainer.estimator}", trainer.opt.train_step, graphs)
+        trainer.policy.logps_fn = _Probe("rl/old_logps", trainer.policy.logps_fn, graphs)
+    update = f"rl/actor_update_{trainer.estimator}"
+    if trainer.policy.kind == "sharded":
+        trainer.policy.train_step = _Probe(update, trainer.policy.train_step, graphs)
+    else:
+        trainer.policy.opt.train_step = _Probe(update, trainer.policy.opt.train_step, graphs)
     trainer.step()
+    if trainer.policy.kind != "sharded":
+        return {}
+    # the layout this rank's checkpoint slices follow: the actor update graph's strategy file, and each parameter's
+    # slice shape as compiled (MindSpore's parameter_layout_dict: [dev_matrix, tensor_map, slice_shape, ...]). The
+    # slices themselves are not written here: under DryRun the parameters hold no values
+    from recast_ms.trainer import sharded_checkpoint as sc
+
+    shapes = {}
+    for name, lay in sorted(trainer.policy.train_cell.parameter_layout_dict.items()):
+        dev, tmap, piece = list(lay[0]), list(lay[1]), [int(n) for n in lay[2]]
+        full = [n * (dev[len(dev) - 1 - m] if m >= 0 else 1) for n, m in zip(piece, tmap)]
+        shapes[name] = {"full": full, "slice": piece, "dev_matrix": dev, "tensor_map": tmap}
+    return {"checkpoint": {"strategy": sc.strategy_file(trainer.run_dir, rank), "slice_shapes": shapes}}
 
 
 def worker(workdir: str) -> int:
@@ -346,7 +379,8 @@ def worker(workdir: str) -> int:
             from recast_ms.trainer.distributed import init_data_parallel
 
             rank, world = init_data_parallel("Ascend")
-        {"sft": _sft_phase, "rl": _rl_phase}[spec["phase"]](cfg, rank, world, graphs)
+        extra = {"sft": _sft_phase, "rl": _rl_phase}[spec["phase"]](cfg, rank, world, graphs)
+        result.update(extra or {})
     except Exception as err:  # pylint: disable=broad-except  # reported per graph; the parent decides
         failed = [name for name, g in graphs.items() if not g["compiled"]]
         where = f" in graph {failed[0]}" if failed else ""

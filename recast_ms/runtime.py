@@ -26,8 +26,8 @@ Two paths, kept explicit:
   own machinery, as in its Qwen3 YAMLs and MindRLHF: ``use_parallel`` + ``parallel_mode: semi_auto_parallel``,
   ``TransformerOpParallelConfig`` DP x TP x PP from the model YAML, optimizer parallel, ``full_batch: True``
   (every rank feeds the same global micro-batch and the framework slices it by DP, so the actor batch and its
-  micro-batches must be divisible by DP x pipeline micro-batches). Planned, not run: its training step and
-  rollout engine are issue 23; ``init_runtime`` refuses it.
+  micro-batches must be divisible by DP x pipeline micro-batches). Its engines are
+  ``recast_ms.trainer.engines`` (sharded set): compiled per rank under DryRun, never executed on a device.
 """
 from __future__ import annotations
 
@@ -320,6 +320,18 @@ def plan_runtime(cfg, device_target: str, world_size: int, model_yaml: Optional[
     check_groups(cfg, dp, stage)
     # every device holds the full weights: the data-parallel path CPU msrun runs, with HCCL for MCCL
     data_parallel_only = tp == 1 and pp == 1 and not layout.optimizer_parallel
+    if pp > 1:
+        raise PlanError(
+            f"pipeline_stage={pp}: the RL step's pipeline graphs do not compile with MindSpore 2.9 / MindFormers 1.9 "
+            "(under DryRun: the actor update over PipelineCellWithMultiOutputs crashes, 'Pipeline Parallel with no "
+            "lazy_inline is deprecated'; stage 1's forward graph fails with 'The pointer[abs] is null'; "
+            "docs/ascend.md); use tensor parallel instead, e.g. runtime.model_parallel=8 runtime.pipeline_stage=1 "
+            "(Qwen3-14B's 40 heads / 8 KV heads split 8 ways)")
+    if stage == "sft" and not data_parallel_only:
+        raise PlanError(
+            f"SFT on the semi-auto layout DP x TP = {dp} x {tp} (optimizer parallel {layout.optimizer_parallel}) is "
+            "not written: recast-sft runs data parallel only (TP = PP = 1, runtime.optimizer_parallel=false); the "
+            "semi-auto engines cover the RL step (recast_ms/trainer/engines.py)")
     if not data_parallel_only and stage == "rl":
         check_batch(cfg, layout)
 
@@ -355,18 +367,19 @@ def plan_runtime(cfg, device_target: str, world_size: int, model_yaml: Optional[
                      "stand-alone mode as on CPU" if world_size > 1 else "none (one device)")
         wrapper = "recast_cells: GradAccumulator + AdamWApply, or FusedStep (recast_ms/trainer/optim.py)"
     else:
-        engine = "mindformers_infer"
+        engine = "sharded_full_forward"
         reason = (f"TP={tp}, PP={pp}, optimizer parallel={layout.optimizer_parallel}: under semi-auto-parallel each "
-                  "device holds only its slice of each weight, laid out for the training graph; the project's "
-                  "decoder has no shard strategies (running it over sliced weights would re-implement MindFormers' "
-                  "tensor-parallel layers). MindFormers' InferenceQwen3ForCausalLM (KV cache, paged attention, "
-                  "run_mode predict) with TP = model_parallel runs the rollout, its weights synced from the actor "
-                  "after each optimizer step by resharding between the two strategy layouts (MindRLHF's "
-                  "TransformParametersD2D pattern); SID constraints are applied to the host-side logits")
+                  "device holds only its slice of each weight. The rollout reruns the actor's own semi-auto graph "
+                  "(MindFormers' tensor-parallel layers, recast_ms.models.sharded.ShardedLogitsAt) on the whole "
+                  "sequence per new token, each prompt encoded once for its G rows at the first token: no second "
+                  "copy of the weights, no weight sync, no resharding. A response is L + 1 = 4 tokens, so the price "
+                  "of having no KV cache is ~(L + 1) x the prompt forward per sample (docs/ascend.md); SID "
+                  "constraints are applied to the host-side logits")
         reduction = "inserted by semi-auto-parallel (DP AllReduce / ReduceScatter with optimizer parallel)"
-        wrapper = ("NOT WRITTEN (issue 23): MindFormers' MFTrainOneStepCell + MindFormers AdamW (optimizer parallel "
-                   "from the context)" + (" over PipelineCellWithTwoOutput(micro_batch_num)" if pp > 1 else
-                                          " over GradAccumulationCellWithTwoOutput"))
+        wrapper = ("mindformers: MFTrainOneStepCell + AdamW (optimizer parallel from the context)" +
+                   (f" over PipelineCellWithMultiOutputs(micro_batch_num={mbn})" if pp > 1 else
+                    " over GradAccumulationCellWithMultiOutputs(actor micro-batches)") +
+                   "; RL loss adapted to its contract (recast_ms/trainer/engines.py)")
     return RuntimePlan(
         device_target="Ascend", world_size=world_size, layout=layout,
         context={"mode": "GRAPH_MODE", "device_target": "Ascend", **ASCEND_CONTEXT},

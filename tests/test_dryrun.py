@@ -1,7 +1,8 @@
 """recast-dryrun: the micro model's graphs compile for Ascend under MindSpore's DryRun (no Ascend here).
 
 The compile tests need the CANN stand-in (``../shared/tools/ascend-dryrun/build.sh``, gcc); they skip, saying
-why, only when it cannot be built. About 2.5 minutes on the 2-core machine.
+why, only when it cannot be built. About 6 minutes on the 2-core machine (the tensor-parallel RL step: ~1 min
+per rank).
 """
 import json
 import os
@@ -90,3 +91,48 @@ def test_a_layout_that_cannot_build_is_reported_per_rank(stub, tmp_path):
                        stub=stub, scratch=str(tmp_path), timeout=900)
     assert report["ranks"]["2"]["compiled"] is False
     assert "num_attention_heads=4 is not divisible by model_parallel=3" in report["error"]
+
+
+# DP 2 x TP 2 on 4 ranks: the semi-auto-parallel engines (recast_ms/trainer/engines.py, sharded set)
+MICRO_TP = MICRO_OVERRIDES + ["runtime.model_parallel=2"]
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "strategy", "dp2_tp2.ckpt")
+
+
+def test_tensor_parallel_rl_step_compiles_on_first_and_last_rank(stub, tmp_path):
+    from recast_ms.trainer import sharded_checkpoint as sc
+
+    report = dr.dryrun(None, MICRO_TP, world_size=4, ranks=[0, 3], phases=["rl"], stub=stub, scratch=str(tmp_path),
+                       timeout=900, keep=True)
+    assert report["error"] is None, report["error"]
+    for rank in ("0", "3"):
+        r = report["ranks"][rank]
+        assert r["compiled"] is True, r
+        # rollout: P = 4 prompts encoded once, then P*G = 16 rows per new token; entropy over the 2P = 8 actor rows
+        assert {"rl/rollout_forward_4rows", "rl/rollout_forward_16rows", "rl/reference_forward",
+                "rl/actor_update_recast"} <= set(r["graphs"]), r["graphs"]
+        coll = r["phases"]["rl"]["collectives"]
+        # TP inserts AllGather / ReduceScatter, the vocabulary-parallel log-softmax and DP gradients AllReduce
+        assert coll.get("AllReduce", 0) > 0 and coll.get("AllGather", 0) > 0, coll
+        ck = r["phases"]["rl"]["checkpoint"]
+        qkv = ck["slice_shapes"]["decoder.layers.0.self_attention.linear_qkv.weight"]
+        assert qkv["full"] == [128, 64] and qkv["slice"] == [64, 64]  # (4 + 2 x 2) heads x 16 rows, split by TP
+        assert ck["slice_shapes"]["optimizer.adam_m.decoder.layers.0.self_attention.linear_qkv.weight"]["slice"] == \
+            [64, 64]
+        # the strategy file this compile wrote holds the layouts the committed fixture (test_sharded_checkpoint) has
+        fresh, fixed = sc.layouts(ck["strategy"]), sc.layouts(FIXTURE)
+        assert fresh == fixed
+
+
+def test_grpo_tensor_parallel_step_accumulates_micro_batches(stub, tmp_path):
+    # [P*G, T] = 16 rows in micro-batches of 8: MindFormers' GradAccumulationCellWithMultiOutputs inside the step
+    report = dr.dryrun(None, MICRO_TP + ["rl.estimator=grpo"], world_size=4, ranks=[3], phases=["rl"], stub=stub,
+                       scratch=str(tmp_path), timeout=900)
+    assert report["error"] is None, report["error"]
+    r = report["ranks"]["3"]
+    assert r["compiled"] is True and "rl/actor_update_grpo" in r["graphs"], r
+
+
+def test_pipeline_layouts_are_refused_before_compiling(stub, tmp_path):
+    report = dr.dryrun(None, MICRO_TP + ["runtime.pipeline_stage=2", "runtime.micro_batch_num=2"], world_size=4,
+                       ranks=[0], phases=["rl"], stub=stub, scratch=str(tmp_path), timeout=900)
+    assert report["ranks"]["0"]["compiled"] is False and "pipeline_stage=2" in report["error"]

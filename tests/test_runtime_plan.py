@@ -72,28 +72,41 @@ def test_ascend_8b_plan_honours_the_yaml():
     assert plan.recompute_config["recompute"] is True
     assert plan.dtypes["compute_dtype"] == "bfloat16" and plan.dtypes["params_dtype"] == "float32"
     assert plan.use_flash_attention and plan.cpu_patches == ()
-    assert plan.rollout_engine == "mindformers_infer" and "TP=4" in plan.rollout_reason
+    assert plan.rollout_engine == "sharded_full_forward" and "TP=4" in plan.rollout_reason
+    assert "MFTrainOneStepCell" in plan.train_wrapper and "NOT WRITTEN" not in plan.train_wrapper
     assert plan.context["device_target"] == "Ascend"
     json.loads(plan.to_json())
 
 
-def test_ascend_14b_pipeline_and_overrides():
+def test_ascend_14b_tensor_parallel_and_overrides():
+    # the run config takes TP 8 instead of the model YAML's TP 4 x PP 2 (pipeline RL graphs do not compile)
     plan = plan_runtime(cfg(path=ascend_run("14b")), "Ascend", 8)
-    assert plan.layout == Layout(1, 4, 2, 4, True, True)
-    assert plan.parallel["pipeline_stages"] == 2 and plan.parallel_config["vocab_emb_dp"] is False
+    assert plan.layout == Layout(1, 8, 1, 4, True, True) and "pipeline_stages" not in plan.parallel
+    assert plan.rollout_engine == "sharded_full_forward"
     # overrides beat the YAML; DP follows the world size when the YAML's does not fit it
     plan = plan_runtime(cfg("runtime.world_size=0", "runtime.recompute=false", "runtime.optimizer_parallel=false",
                             path=ascend_run("14b")), "Ascend", 32)
-    assert plan.layout == Layout(4, 4, 2, 4, False, False)
+    assert plan.layout == Layout(4, 8, 1, 4, False, False)
     assert plan.recompute_config["recompute"] is False and plan.parallel["enable_parallel_optimizer"] is False
     assert any("world 32" in n for n in plan.notes)
+
+
+def test_pipeline_layouts_are_refused_naming_why_and_what_to_use():
+    with pytest.raises(PlanError, match=r"pipeline_stage=2: .*do not compile.*runtime.model_parallel=8"):
+        plan_runtime(cfg("runtime.model_parallel=4", "runtime.pipeline_stage=2", path=ascend_run("14b")), "Ascend", 8)
+
+
+def test_semi_auto_sft_is_refused_naming_the_data_parallel_path():
+    with pytest.raises(PlanError, match="SFT on the semi-auto layout DP x TP = 2 x 4"):
+        plan_runtime(cfg(path=ascend_run("8b")), "Ascend", 8, stage="sft")
+    assert plan_runtime(cfg(path=ascend_run("0_6b")), "Ascend", 8, stage="sft").layout.data_parallel == 8
 
 
 def test_ascend_small_model_uses_the_kv_decoder_only_without_sharded_weights():
     plan = plan_runtime(cfg(path=ascend_run("0_6b")), "Ascend", 8)
     assert plan.layout == Layout(8, 1, 1, 1, False, False) and plan.rollout_engine == "kv_decoder"
     plan = plan_runtime(cfg("runtime.optimizer_parallel=true", path=ascend_run("0_6b")), "Ascend", 8)
-    assert plan.rollout_engine == "mindformers_infer"
+    assert plan.rollout_engine == "sharded_full_forward"
     plan = plan_runtime(cfg("runtime.world_size=1", path=ascend_run("0_6b")), "Ascend", 1)
     assert not plan.use_parallel and plan.parallel == {} and plan.layout.devices == 1
 
@@ -148,7 +161,7 @@ def test_ascend_layout_errors_name_the_numbers():
     with pytest.raises(PlanError, match="num_hidden_layers=36 is not divisible by pipeline_stage=8"):
         plan_runtime(cfg("runtime.pipeline_stage=8", "runtime.micro_batch_num=8", "runtime.world_size=0",
                          path=ascend_run("8b")), "Ascend", 32)
-    with pytest.raises(PlanError, match="world size 12 is not divisible by model_parallel x pipeline_stage = 4 x 2"):
+    with pytest.raises(PlanError, match="world size 12 is not divisible by model_parallel x pipeline_stage = 8 x 1"):
         plan_runtime(cfg("runtime.world_size=0", path=ascend_run("14b")), "Ascend", 12)
     with pytest.raises(PlanError, match="runtime.world_size=8 but the launch gives 16"):
         plan_runtime(cfg(path=ascend_run("8b")), "Ascend", 16)
@@ -240,7 +253,7 @@ def test_launcher_dry_run_prints_the_plan_and_checks_it():
     assert "--worker_num=16 --local_worker_num=8 --node_rank=1 --master_addr=10.0.0.1 --master_port=8118" in r.stdout
     plan = json.loads(r.stdout.strip().splitlines()[-1])
     assert plan["layout"]["data_parallel"] == 4 and plan["layout"]["model_parallel"] == 4
-    assert plan["device_target"] == "Ascend" and plan["rollout_engine"] == "mindformers_infer"
+    assert plan["device_target"] == "Ascend" and plan["rollout_engine"] == "sharded_full_forward"
     # a layout that does not fit the world size fails the dry run with the numbers
     r = _launcher("--worker_num", "8", "--dry-run", "--", "--config", ascend_run("8b"), "rl.prompts_per_step=2",
                   "rl.estimator=grpo", "rl.group_size=3", "rl.micro_batch_size=3")
@@ -275,7 +288,7 @@ def test_ascend_plan_reaches_the_model_config():
     assert conf.compute_dtype == "float32" and conf.use_flash_attention is False
 
 
-def test_init_runtime_applies_the_cpu_plan_and_refuses_only_semi_auto_layouts(monkeypatch):
+def test_init_runtime_applies_the_cpu_plan_and_refuses_what_cannot_run(monkeypatch):
     from recast_ms import runtime
     from recast_ms.models import cpu_compat
     from recast_ms.trainer import setup
@@ -283,10 +296,11 @@ def test_init_runtime_applies_the_cpu_plan_and_refuses_only_semi_auto_layouts(mo
     plan = setup.init_runtime(cfg("runtime.device_target=CPU"))
     assert plan.device_target == "CPU" and setup.current_plan() is plan and cpu_compat.cpu_patches_applied()
     monkeypatch.setattr(runtime, "require_device", lambda device: None)  # as if an Ascend device were here
-    # TP / PP layouts (8B, 14B): one line naming issue 23's missing pieces
-    for name in ("8b", "14b"):
-        with pytest.raises(NotImplementedError, match="needs semi-auto parallel: .*issue 23"):
-            setup.init_runtime(cfg(path=ascend_run(name)), 8)
+    # semi-auto SFT and pipeline layouts: one line, before anything is applied
+    with pytest.raises(PlanError, match="SFT on the semi-auto layout"):
+        setup.init_runtime(cfg(path=ascend_run("8b")), 8, stage="sft")
+    with pytest.raises(PlanError, match="pipeline_stage=2"):
+        setup.init_runtime(cfg("runtime.model_parallel=4", "runtime.pipeline_stage=2", path=ascend_run("14b")), 8)
     # data-parallel layouts (0.6B, 1.7B) are not refused; without msrun's communication init they cannot run
     for name in ("0_6b", "1_7b"):
         with pytest.raises(RuntimeError, match="8 ranks but communication is not initialised"):

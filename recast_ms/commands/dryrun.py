@@ -30,6 +30,8 @@ def main():
                    help="keep the per-rank working directories and logs here (default: a temporary directory, removed)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per rank and phase (default 3600)")
     p.add_argument("--out", default=None, help="also write the JSON report to this file")
+    p.add_argument("--layers", type=int, default=0,
+                   help="compile the model at this depth, its width unchanged (default: the model YAML's)")
     args = p.parse_args()
     from recast_ms.config import load_config
     from recast_ms.dryrun import NOTE, PHASES, dryrun, parse_ranks
@@ -48,7 +50,7 @@ def main():
     echo(f"compiling ranks {ranks} of {world} ({', '.join(phases)}), one process at a time")
     report = dryrun(args.config, args.overrides, world, ranks, phases=phases, stub=args.stub,
                     scratch=os.path.abspath(args.scratch) if args.scratch else None, timeout=args.timeout,
-                    keep=bool(args.scratch), echo=echo)
+                    keep=bool(args.scratch), echo=echo, layers=args.layers)
     text = json.dumps(report, sort_keys=False)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

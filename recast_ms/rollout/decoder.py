@@ -32,14 +32,18 @@ class FullForwardDecoder:
     :class:`recast_ms.models.policy.LogitsAt`. ``start`` encodes B rows, not B*expand.
 
     Args:
-        policy_or_model: a :class:`recast_ms.models.policy.Policy` (its ``next_logits``) or the MindFormers model.
+        policy_or_model: a :class:`recast_ms.models.policy.Policy` (its ``next_logits``), the MindFormers model,
+            or a next-token cell with ``is_logits_at = True`` (:class:`recast_ms.models.sharded.ShardedLogitsAt`).
         seq_length (int): the model's ``seq_length`` (its causal mask is built for exactly this length).
         pad_id (int): the pad token.
     """
 
     def __init__(self, policy_or_model, seq_length: int, pad_id: int):
-        next_logits = getattr(policy_or_model, "next_logits", None)
-        self._logits_at = next_logits if isinstance(next_logits, LogitsAt) else LogitsAt(policy_or_model)
+        if getattr(policy_or_model, "is_logits_at", False):  # a next-token cell already (ShardedLogitsAt)
+            self._logits_at = policy_or_model
+        else:
+            next_logits = getattr(policy_or_model, "next_logits", None)
+            self._logits_at = next_logits if isinstance(next_logits, LogitsAt) else LogitsAt(policy_or_model)
         self.seq_length = int(seq_length)
         self.pad_id = int(pad_id)
         self._ids = None

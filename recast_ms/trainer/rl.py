@@ -131,11 +131,9 @@ class RLTrainer:
                  progress: bool = True, rank: int = 0, world_size: int = 1):
         import mindspore as ms
 
-        from recast_ms.models.policy import ResponseLogProbs, freeze_copy
         from recast_ms.models.tokenizer import sid_token_map
-        from recast_ms.rollout.decoder import make_decoder
         from recast_ms.rollout.engine import SIDConstraint
-        from recast_ms.trainer.optim import Optimizer
+        from recast_ms.trainer.engines import build_engines
 
         self.cfg, self.rcfg, self.run_dir = cfg, cfg.rl, run_dir
         self.progress, self.rank, self.world = progress and rank == 0, rank, world_size
@@ -148,19 +146,13 @@ class RLTrainer:
         self.splits = load_splits(cfg.data)
         check_rl_inputs(cfg, self.splits)
         self.tok = get_tokenizer(self.splits, tokenizer_dir, cfg)
-        init_runtime(cfg, world_size)
+        plan = init_runtime(cfg, world_size)
         self.model = build_model(cfg, self.tok, seed=cfg.seed)
         if init_checkpoint:  # weights only: the optimizer starts fresh
             tensors, _ = ckpt.load_state(init_checkpoint)
             ckpt.restore_model(self.model, tensors, path=init_checkpoint)
-        with quiet_stdout():  # MindFormers print()s its config table on every model build
-            self.ref_model = freeze_copy(self.model) if self.rcfg.kl_coef > 0 else None
         cb = self.splits.codebook
         self.R = response_len(self.splits)
-        # log-probs of the R response positions only: the LM head never sees prompt positions
-        self.ref_logps_fn = ResponseLogProbs(self.ref_model, self.R, self.rcfg.temperature) \
-            if self.ref_model is not None else None
-        self.actor_logps_fn = ResponseLogProbs(self.model, self.R, self.rcfg.temperature)
         self.Tp = cfg.seq_length - self.R
         # the reserved slice is cut before anything draws from valid: no RL step can ever see its rows
         rl_pool, self.reserved_samples = reserve_valid(self.splits.valid, cfg.data.reserved_valid_rows,
@@ -177,23 +169,35 @@ class RLTrainer:
         # also measures the SID-constrained entropy when rollouts are unconstrained
         self.sid_constraint = SIDConstraint(cb.trie, self.token_map, self.tok.eos_id, self.tok.vocab_size)
         self.constraint = self.sid_constraint if self.rcfg.constrained else None
-        self.decoder = make_decoder(self.model, self.Tp, self.R, self.tok.pad_id)
 
         r = self.rcfg
         self.estimator = r.estimator
         self.est = get_estimator(r.estimator)
-        self.P, self.G = r.prompts_per_step, r.group_size  # P is global: this rank owns P / world groups
-        self.batch_rows = self.est.actor_rows(self.P // world_size, self.G)  # this rank's actor rows
-        self.micro = min(r.micro_batch_size, self.batch_rows)
-        self.num_micro = -(-self.batch_rows // self.micro)
-        self.select_cell = self.est.cell(self.G, r.alpha, r.negative_weight)  # graph-mode selection; None for whole-group estimators
+        self.P, self.G = r.prompts_per_step, r.group_size  # P is global
         self.adaptive = AdaptiveRepair(r.adaptive_target, r.adaptive_floor, r.adaptive_momentum) \
             if self.est.adaptive else None
         self.on_policy = r.ppo_epochs == 1
-        # one micro-batch per step (ReCast's [2P, T] at the default size): one fused graph, no gradient buffers
-        self.opt = Optimizer(_rl_loss_cell(self.model, r, self.R, self.on_policy), self.model.trainable_params(),
-                             lr=r.lr, weight_decay=r.weight_decay, grad_clip=r.grad_clip, name="rl",
-                             world_size=world_size, fused=self.num_micro == 1)
+        # the plan's engines (recast_ms.trainer.engines): the step below never branches on the backend. Under
+        # semi-auto parallel every rank's host side builds the whole global batch (host_world = 1) and the graphs
+        # slice it by DP; on the local path this rank owns P / world whole groups
+        # (the reference model is built before the optimizer state: MindFormers prints its config table per build)
+        eng = build_engines(plan, self.model, r, response_len=self.R, prompt_len=self.Tp, pad_id=self.tok.pad_id,
+                            rows_per_host=self.est.actor_rows(self.P // (1 if plan.use_parallel else world_size), self.G),
+                            rank=rank, world_size=world_size)
+        self.engines = eng
+        # graph-mode selection (None for whole-group estimators). Under semi-auto parallel the [P, G] selection is
+        # the same host work on every rank: a graph there would be sliced over the devices for nothing, and under
+        # pipeline stages a graph with no stage does not compile ("Stage num is 2 is not equal to stage used: 0");
+        # the numpy reference runs instead (equal to the cell, tests/test_signals_ms.py)
+        self.select_cell = None if plan.use_parallel else self.est.cell(self.G, r.alpha, r.negative_weight)
+        self.decoder, self.policy, self.reference = eng.rollout, eng.policy, eng.reference
+        self.host_rank, self.host_world = eng.host_rank, eng.host_world
+        self.batch_rows = self.policy.rows  # this host's actor rows
+        if plan.use_parallel:  # the layout of this rank's checkpoint slices (recast_ms.trainer.sharded_checkpoint)
+            from recast_ms.trainer.sharded_checkpoint import strategy_file
+
+            self.policy.set_strategy_file(strategy_file(run_dir, rank))
+        self.actor_logps_fn = self.policy.logps_fn  # [B, R] response log-probs under the actor (tests, dry run)
         if len(rl_samples) < self.P:
             raise ValueError(f"{len(rl_samples)} RL prompts < rl.prompts_per_step={self.P}")
         self.sampler = EpochSampler(len(rl_samples), self.P, cfg.seed)  # the global order, sliced per rank
@@ -210,8 +214,8 @@ class RLTrainer:
         global index), so ranks agree with one process and resume is exact. The 0 is the slot the rank held
         before the global batch: one-process runs reproduce the committed results."""
         full = np.random.default_rng([self.cfg.seed, stream, 0, self.step_idx]).random(shape)
-        n = shape[axis] // self.world
-        return np.take(full, np.arange(self.rank * n, (self.rank + 1) * n), axis=axis)
+        n = shape[axis] // self.host_world
+        return np.take(full, np.arange(self.host_rank * n, (self.host_rank + 1) * n), axis=axis)
 
     def state_meta(self) -> dict:
         # prompts and RNG streams derive from (seed, step), so the step is all a resume needs; the
@@ -220,16 +224,15 @@ class RLTrainer:
                 "estimator": self.estimator}
 
     def save(self):
-        if self.rank == 0:
-            ckpt.save_train_state(self.run_dir, self.step_idx, self.model, self.opt, self.state_meta(), what="RL",
-                                  init_checkpoint=self.init_checkpoint)
+        # the policy engine decides who writes: rank 0 the whole state (local), every rank its slices (sharded)
+        self.policy.save(self.run_dir, self.step_idx, self.state_meta(), self.rank, self.init_checkpoint)
 
     def resume(self) -> bool:
         last = ckpt.latest_checkpoint(self.run_dir)
         if not last:
             return False
         ckpt.check_resume(self.run_dir, self.cfg, last, "rl")
-        meta = ckpt.load_train_state(last, self.model, self.opt)
+        meta = self.policy.load(last)
         if meta.get("estimator") != self.estimator:
             raise ValueError(f"{last} was written by estimator {meta.get('estimator')!r}, this run is {self.estimator!r}")
         if self.adaptive is not None:
@@ -258,7 +261,7 @@ class RLTrainer:
         r, T = self.rcfg, self.timer
         G, S = self.G, self.cfg.seq_length
         pad = self.tok.pad_id
-        idx = rank_slice(self.sampler.at(self.step_idx), self.rank, self.world)  # this rank's whole groups
+        idx = rank_slice(self.sampler.at(self.step_idx), self.host_rank, self.host_world)  # this host's whole groups
         P = len(idx)
         samples = [self.rl_samples[i] for i in idx]
         p_ids, p_lens = self.rl_prompts.ids[idx], self.rl_prompts.lens[idx]  # [P, Tp], [P]
@@ -324,43 +327,19 @@ class RLTrainer:
         return {"policy/entropy_full": float(full[w].mean()), "policy/entropy_sid": float(np.nanmean(sid[w]))}
 
     def update(self, batch: ActorBatch) -> Dict[str, float]:
-        """Old/ref log-probs and the actor update over micro-batches of a fixed shape."""
-        ms = self._ms
-        r, T, R = self.rcfg, self.timer, self.R
-        input_ids, resp_start = batch.input_ids, batch.resp_start
-        loss_mask, adv_rows = batch.loss_mask, batch.advantages
-        B = len(input_ids)
+        """Old/ref log-probs and the actor update, through the plan's policy and reference engines."""
+        r, T = self.rcfg, self.timer
+        B = len(batch.input_ids)
         if B != self.batch_rows:
             raise RuntimeError(f"actor batch has {B} rows, the compiled shape is {self.batch_rows}")
-        n_mb = self.num_micro
-        pad_rows = n_mb * self.micro - B
-        if pad_rows:  # static micro-batch shape: masked filler rows
-            input_ids = np.concatenate([input_ids, np.repeat(input_ids[:1], pad_rows, 0)])
-            resp_start = np.concatenate([resp_start, np.repeat(resp_start[:1], pad_rows)])
-            loss_mask = np.concatenate([loss_mask, np.zeros((pad_rows, R), np.float32)])
-            adv_rows = np.concatenate([adv_rows, np.zeros(pad_rows, np.float32)])
-        mbs = [slice(k * self.micro, (k + 1) * self.micro) for k in range(n_mb)]
-        ids_t = [ms.Tensor(input_ids[m]) for m in mbs]
-        start_t = [ms.Tensor(resp_start[m]) for m in mbs]
-        zeros = ms.Tensor(np.zeros((self.micro, R), np.float32))
+        sb = self.policy.prepare(batch.input_ids, batch.resp_start, batch.loss_mask, batch.advantages)
         with T("old_log_prob"):
-            old = [zeros] * n_mb if self.on_policy else [self.actor_logps_fn(i, s) for i, s in zip(ids_t, start_t)]
+            old = self.policy.zeros(sb) if self.on_policy else self.policy.old_logps(sb)
         with T("ref"):
-            ref = [self.ref_logps_fn(i, s) for i, s in zip(ids_t, start_t)] \
-                if self.ref_logps_fn is not None else [zeros] * n_mb
-            if self.ref_logps_fn is not None:
-                ref[-1].asnumpy()  # graph calls are asynchronous: time the stage, not its launch
-        num_seqs = ms.Tensor(np.float32(B))
-        micro_batches = [(ids_t[k], start_t[k], old[k], ref[k], ms.Tensor(adv_rows[m]), ms.Tensor(loss_mask[m]),
-                          num_seqs) for k, m in enumerate(mbs)]
-        stats = np.zeros(4)
+            ref = self.reference.logps(sb) if self.reference is not None else self.policy.zeros(sb)
         with T("update_actor"):
-            for _ in range(r.ppo_epochs):
-                outs, grad_norm = self.opt.train_step(micro_batches, r.lr)
-                for out in outs:
-                    # loss terms add up over micro-batches; kl / clip_frac are per-micro-batch means
-                    stats += np.array([float(o.asnumpy()) for o in out]) * np.array([1, 1, 1.0 / n_mb, 1.0 / n_mb])
-        stats /= r.ppo_epochs
+            stats, grad_norm = self.policy.update(sb, old, ref, r.lr)
+        loss_mask = batch.loss_mask
         guard.check_step("RL", self.step_idx + 1, {"loss": stats[0], "pg_loss": stats[1], "kl": stats[2],
                                                    "grad_norm": grad_norm}, self.run_dir, self.init_checkpoint)
         return {"actor/loss": stats[0], "actor/pg_loss": stats[1], "actor/kl": stats[2], "actor/clip_frac": stats[3],
@@ -378,7 +357,7 @@ class RLTrainer:
             upd = self.update(batch)
         self.step_idx += 1
         self.last_prompt_index = batch.prompt_index  # this rank's rows of the RL prompt set (msrun's checksum file)
-        rewards = batch.rewards  # [P / world, G]: this rank's groups
+        rewards = batch.rewards  # [P / host_world, G]: this host's groups
         diag = signal_diagnostics(rewards, repaired=batch.repaired if self.est.repair else np.zeros(len(rewards), bool))
         m = {
             "reward/mean": float(rewards.mean()),
@@ -393,7 +372,7 @@ class RLTrainer:
             **T.pop(),
         }
         # the global batch's values: every rank holds an equal share, so the mean of rank means is the global mean
-        m = mean_over_ranks(m, self.world, sums=("actor/rows", "actor/tokens", "actor/response_tokens",
+        m = mean_over_ranks(m, self.host_world, sums=("actor/rows", "actor/tokens", "actor/response_tokens",
                                                  *(k for k in m if k.startswith("signals/pair_prefix_len_count/"))))
         if self.adaptive is not None:  # the global ratio: every rank keeps the same repair probability
             self.adaptive.update(m["signals/naturally_trainable_ratio"])
@@ -428,7 +407,7 @@ class RLTrainer:
 
         resumed = self.resume() if resume else False
         if self.rank == 0:  # a new run clears an earlier run's checkpoints before it saves anything
-            ckpt.claim_run_dir(self.run_dir, self.cfg, resumed, outputs=("metrics.jsonl", "tb", PER_PROMPT_DIR),
+            ckpt.claim_run_dir(self.run_dir, self.cfg, resumed, outputs=("metrics.jsonl", "tb", PER_PROMPT_DIR, "strategy"),
                                overwrite=overwrite)
         log = MetricsLogger(self.run_dir, resume_step=self.step_idx if resumed else None,
                             tensorboard=self.rank == 0) if self.rank == 0 else None

@@ -88,7 +88,8 @@ def init_runtime(cfg_or_device=None, world_size: int = 1, parallel: Optional[dic
     Data-parallel layouts (CPU; Ascend with TP = PP = 1): stand-alone mode; with ``world_size > 1``
     ``recast_ms.trainer.distributed.init_data_parallel`` must have run first (MCCL / HCCL), the optimizer
     cell all-reduces the gradients. CPU adds its patches and fp32. Ascend semi-auto layouts (TP / PP > 1,
-    optimizer parallel) are refused: their training step and rollout engine are issue 23.
+    optimizer parallel): MindFormers' ``use_parallel`` context (it runs ``communication.init()`` and
+    ``set_auto_parallel_context``); the engines are ``recast_ms.trainer.engines``' sharded set.
     """
     global _PLAN  # pylint: disable=global-statement
     import mindspore as ms
@@ -107,13 +108,7 @@ def init_runtime(cfg_or_device=None, world_size: int = 1, parallel: Optional[dic
             logger.info("runtime plan: %s", note)
     else:
         plan = plan_runtime(RunConfig(), cfg_or_device or "CPU", world_size, stage=stage)
-    if plan.use_parallel:
-        raise NotImplementedError(
-            f"Ascend layout DP x TP x PP = {plan.layout.data_parallel} x {plan.layout.model_parallel} x "
-            f"{plan.layout.pipeline_stage} (optimizer parallel {plan.layout.optimizer_parallel}) needs semi-auto "
-            f"parallel: its training step ({plan.train_wrapper}) and rollout engine '{plan.rollout_engine}' are "
-            "issue 23; data-parallel layouts (TP = PP = 1, no optimizer parallel) run")
-    if plan.world_size > 1:
+    if plan.world_size > 1 and not plan.use_parallel:  # MindFormers' use_parallel runs init() itself
         from mindspore.communication import GlobalComm
 
         if not GlobalComm.INITED:  # the optimizer's AllReduce would fail inside its first graph
@@ -133,7 +128,11 @@ def init_runtime(cfg_or_device=None, world_size: int = 1, parallel: Optional[dic
         build_context(device_target, ms.GRAPH_MODE, parallel=parallel)
     else:  # Ascend, stand-alone mode: data parallelism is the optimizer cell's HCCL AllReduce, as on CPU
         extra = {k: v for k, v in plan.context.items() if k not in ("mode", "device_target")}
-        build_context(device_target, ms.GRAPH_MODE, parallel=plan.parallel, use_parallel=plan.use_parallel,
+        parallel = dict(plan.parallel)
+        if "parallel_mode" in parallel:  # MindFormers' validator takes its YAMLs' integer codes, not the names
+            parallel["parallel_mode"] = {"data_parallel": 0, "semi_auto_parallel": 1, "auto_parallel": 2,
+                                         "hybrid_parallel": 3}[parallel["parallel_mode"]]
+        build_context(device_target, ms.GRAPH_MODE, parallel=parallel, use_parallel=plan.use_parallel,
                       parallel_config=plan.parallel_config, **extra)
     quiet_mindformers()
     _PLAN = plan

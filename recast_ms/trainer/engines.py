@@ -1,0 +1,467 @@
+"""The engines of one RL step, chosen by the runtime plan: the RL step (``recast_ms.trainer.rl``) calls them
+and never branches on the backend, as MindRLHF keeps one worker per role.
+
+* **rollout**: a decoder for :mod:`recast_ms.rollout.engine` (``start`` / ``step`` / ``reorder``);
+* **policy**: the actor's log-probs (old log-probs when off-policy) and the update;
+* **reference**: the frozen reference's log-probs (None when ``rl.kl_coef = 0``).
+
+Two sets, one per path of :mod:`recast_ms.runtime`:
+
+``local`` (CPU, and Ascend data parallel with TP = PP = 1): each process holds the whole model. Rollout is
+the KV decoder over the actor's own Parameters; the policy is :class:`recast_ms.trainer.optim.Optimizer`
+(gradient accumulation + torch-exact AdamW, the data-parallel AllReduce inside); the reference is a frozen
+copy of the actor.
+
+``sharded`` (Ascend semi-auto parallel: TP > 1, PP > 1 or optimizer parallel; the 8B / 14B layouts): every
+graph is MindSpore's semi-auto parallel over MindFormers' own tensor-parallel layers, fed the GLOBAL batch
+(``full_batch``: the framework slices it by DP). The policy is MindFormers' ``MFTrainOneStepCell`` with its
+``AdamW`` (optimizer parallel from the context) over ``GradAccumulationCellWithMultiOutputs`` (or
+``PipelineCellWithMultiOutputs`` under PP); the RL loss is adapted to their contract (one loss output,
+the statistics kept in a Parameter the host reads). Log-probs use :mod:`recast_ms.models.sharded`
+(vocabulary-parallel). The reference is a second model with the same layout, forward only, loaded slice by
+slice (never a full numpy copy). Rollout is :class:`recast_ms.rollout.decoder.FullForwardDecoder` over
+:class:`recast_ms.models.sharded.ShardedLogitsAt` on the actor's own sharded Parameters: no second copy of the
+weights, no weight sync and no resharding; see ``docs/ascend.md`` for what that costs against a KV cache.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepBatch:
+    """The actor batch of one step on the policy engine's device side: ``micro`` holds the per-micro-batch
+    tensors ``(input_ids [m, S], resp_start [m])`` the log-prob engines read; the arrays are the whole padded
+    batch (``B`` rows) the update reads."""
+
+    input_ids: np.ndarray  # [B, S] int32
+    resp_start: np.ndarray  # [B] int32
+    advantages: np.ndarray  # [B] float32
+    loss_mask: np.ndarray  # [B, R] float32
+    num_seqs: int  # sequences of the step batch before padding (the loss's normaliser)
+    micro: List[tuple]  # per micro-batch (input_ids, resp_start) device tensors
+
+
+# ----------------------------------------------------------------------------- local: whole model per process
+
+
+class LocalPolicy:
+    """The actor on one device (CPU / data-parallel Ascend): :class:`recast_ms.trainer.optim.Optimizer` over the
+    RL loss cell, ``micro`` rows per forward/backward, fused into one graph when one micro-batch covers the step."""
+
+    kind = "local"
+
+    def __init__(self, model, rcfg, response_len: int, rows: int, world_size: int = 1):
+        from recast_ms.models.policy import ResponseLogProbs
+        from recast_ms.trainer.optim import Optimizer
+        from recast_ms.trainer.rl import _rl_loss_cell
+
+        self.model, self.rcfg, self.R = model, rcfg, int(response_len)
+        self.rows = int(rows)
+        self.micro = min(rcfg.micro_batch_size, self.rows)
+        self.num_micro = -(-self.rows // self.micro)
+        self.on_policy = rcfg.ppo_epochs == 1
+        self.logps_fn = ResponseLogProbs(model, self.R, rcfg.temperature)
+        self.opt = Optimizer(_rl_loss_cell(model, rcfg, self.R, self.on_policy), model.trainable_params(),
+                             lr=rcfg.lr, weight_decay=rcfg.weight_decay, grad_clip=rcfg.grad_clip, name="rl",
+                             world_size=world_size, fused=self.num_micro == 1)
+
+    def prepare(self, input_ids, resp_start, loss_mask, advantages) -> StepBatch:
+        """Pad the ``B`` rows to whole micro-batches of a fixed shape (masked filler rows) and make the tensors."""
+        import mindspore as ms
+
+        B, R = len(input_ids), self.R
+        pad_rows = self.num_micro * self.micro - B
+        if pad_rows:
+            input_ids = np.concatenate([input_ids, np.repeat(input_ids[:1], pad_rows, 0)])
+            resp_start = np.concatenate([resp_start, np.repeat(resp_start[:1], pad_rows)])
+            loss_mask = np.concatenate([loss_mask, np.zeros((pad_rows, R), np.float32)])
+            advantages = np.concatenate([advantages, np.zeros(pad_rows, np.float32)])
+        mbs = [slice(k * self.micro, (k + 1) * self.micro) for k in range(self.num_micro)]
+        micro = [(ms.Tensor(input_ids[m]), ms.Tensor(resp_start[m])) for m in mbs]
+        return StepBatch(input_ids, resp_start, advantages, loss_mask, B, micro)
+
+    def old_logps(self, batch: StepBatch) -> list:
+        return [self.logps_fn(i, s) for i, s in batch.micro]
+
+    def zeros(self, batch: StepBatch) -> list:
+        import mindspore as ms
+
+        z = ms.Tensor(np.zeros((self.micro, self.R), np.float32))
+        return [z] * len(batch.micro)
+
+    def update(self, batch: StepBatch, old: list, ref: list, lr: float) -> Tuple[np.ndarray, float]:
+        """``rl.ppo_epochs`` optimizer steps; returns ``(loss, pg_loss, kl, clip_frac)`` and the pre-clip norm."""
+        import mindspore as ms
+
+        n_mb = len(batch.micro)
+        num_seqs = ms.Tensor(np.float32(batch.num_seqs))
+        mbs = [slice(k * self.micro, (k + 1) * self.micro) for k in range(n_mb)]
+        micro_batches = [(i, s, old[k], ref[k], ms.Tensor(batch.advantages[m]), ms.Tensor(batch.loss_mask[m]),
+                          num_seqs) for k, ((i, s), m) in enumerate(zip(batch.micro, mbs))]
+        stats, grad_norm = np.zeros(4), 0.0
+        for _ in range(self.rcfg.ppo_epochs):
+            outs, grad_norm = self.opt.train_step(micro_batches, lr)
+            for out in outs:
+                # loss terms add up over micro-batches; kl / clip_frac are per-micro-batch means
+                stats += np.array([float(o.asnumpy()) for o in out]) * np.array([1, 1, 1.0 / n_mb, 1.0 / n_mb])
+        return stats / self.rcfg.ppo_epochs, grad_norm
+
+    # checkpoints: rank 0 writes the whole state (every rank holds the same weights)
+    def save(self, run_dir: str, step: int, meta: dict, rank: int, init_checkpoint: Optional[str]) -> None:
+        from recast_ms.trainer import checkpoint as ckpt
+
+        if rank == 0:
+            ckpt.save_train_state(run_dir, step, self.model, self.opt, meta, what="RL", init_checkpoint=init_checkpoint)
+
+    def load(self, path: str) -> dict:
+        from recast_ms.trainer import checkpoint as ckpt
+
+        return ckpt.load_train_state(path, self.model, self.opt)
+
+
+class LocalReference:
+    """The frozen reference on one device: a copy of the actor's weights (``freeze_copy``), response log-probs."""
+
+    kind = "local"
+
+    def __init__(self, model, rcfg, response_len: int):
+        from recast_ms.models.policy import ResponseLogProbs, freeze_copy
+        from recast_ms.trainer.setup import quiet_stdout
+
+        with quiet_stdout():  # MindFormers print()s its config table on every model build
+            self.model = freeze_copy(model)
+        self.logps_fn = ResponseLogProbs(self.model, response_len, rcfg.temperature)
+
+    def logps(self, batch: StepBatch) -> list:
+        out = [self.logps_fn(i, s) for i, s in batch.micro]
+        out[-1].asnumpy()  # graph calls are asynchronous: the caller times the stage, not its launch
+        return out
+
+
+# ----------------------------------------------------------------------------- sharded: semi-auto parallel
+
+
+def _rl_network(model, rcfg, response_len: int, on_policy: bool, dp: int, tp: int, stage: int, micro_num: int):
+    """The RL loss in MindFormers' mcore contract: ``MFTrainOneStepCell`` sums the network's four outputs
+    (lm, mtp, aux, indexer losses) and asks ``network.network`` for the transformer config. The statistics
+    (pg_loss, kl, clip_frac; kl and clip_frac as means over micro-batches) are added into ``rl_stats``."""
+    import mindspore as ms
+    from mindspore import nn, ops
+    from mindspore.common.initializer import initializer
+
+    from recast_ms.models.sharded import ShardedResponseLogProbs
+    from recast_ms.trainer.loss import PolicyLoss
+
+    class RLNetwork(nn.Cell):
+        def __init__(self):
+            super().__init__(auto_prefix=False)
+            self.network = model  # get_real_models() walks .network to the mcore model
+            self.logps = ShardedResponseLogProbs(model, response_len, rcfg.temperature, dp=dp, tp=tp, stage=stage)
+            self.loss = PolicyLoss(rcfg.clip_low, rcfg.clip_high, rcfg.kl_coef)
+            if stage >= 0:
+                self.loss.pipeline_stage = stage
+            self.rl_stats = ms.Parameter(initializer("zeros", (3,), ms.float32), name="rl_stats", requires_grad=False)
+            self.inv_micro = 1.0 / float(micro_num)
+
+        def get_gpt_transformer_config(self):
+            return self.network.get_gpt_transformer_config()
+
+        def construct(self, input_ids, resp_start, old_logps, ref_logps, advantages, loss_mask, num_seqs_rows):
+            # num_seqs comes per row ([B], every entry the step's sequence count): MindFormers' micro-batch and
+            # pipeline cells slice every input along axis 0, so a scalar input cannot pass them
+            num_seqs = ops.reduce_max(num_seqs_rows)
+            lp = self.logps(input_ids, resp_start)  # [B, R]
+            old = ops.stop_gradient(lp) if on_policy else old_logps
+            loss, pg, kl, clip = self.loss(lp, old, ref_logps, advantages, loss_mask, num_seqs)
+            stats = ops.stop_gradient(ops.stack((pg, kl * self.inv_micro, clip * self.inv_micro)))
+            loss = ops.depend(loss, ops.assign_add(self.rl_stats, stats))
+            zero = ops.zeros((), ms.float32)
+            return loss, zero, zero, zero
+
+    return RLNetwork()
+
+
+def _train_one_step_cls():
+    """MindFormers' ``MFTrainOneStepCell`` without its loss-scale / overflow branch: ``if not overflow`` on a tensor
+    is a ConditionSwitch, which the O0 (kernel-by-kernel) jit level the Qwen3 recipe uses cannot build ("Can not
+    build a sub graph which contains ConditionSwitch ... by kbk", seen compiling under DryRun). The RL step trains
+    in fp32 / bf16 with a loss scale of 1, so there is no overflow to skip; the rest (mcore gradient contract, grad
+    reducer, global-norm clipping, the optimizer) is MindFormers' own. Returns ``(loss, pre-clip global norm)``."""
+    import mindspore as ms
+    from mindspore import ops
+    from mindformers.wrapper.wrapper import MFTrainOneStepCell
+
+    class RLTrainOneStepCell(MFTrainOneStepCell):
+        def construct(self, *inputs):
+            loss, grads, _ = self.grads_for_mcore(self.scale_sense, *inputs)
+            grads = self.grad_reducer(grads)
+            global_norm = ops.zeros((), ms.float32)
+            if self.use_clip_grad:
+                grads, global_norm = self.clip_grad_norm(grads)
+            loss = ops.depend(loss, self.optimizer(grads))
+            return loss, global_norm
+
+    return RLTrainOneStepCell
+
+
+def _accumulating_step_cls():
+    """MindFormers' ``MFPipelineWithLossScaleCell`` (the wrapper its trainer uses for gradient accumulation and
+    pipelines: it owns the ``accu_grads`` buffers that optimizer parallel's micro-step AllGather needs, "You should
+    define `accu_grads` when use _MicroStepAllGather" otherwise, seen compiling) without its overflow branch (see
+    :func:`_train_one_step_cls`). The accumulated gradient is the sum over micro-batches: the RL loss of each
+    micro-batch is already normalised by the step's sequence count. Returns ``(loss, pre-clip global norm)``."""
+    import mindspore as ms
+    from mindspore import ops
+    from mindspore.ops import functional as F
+    from mindformers.wrapper.wrapper import MFPipelineWithLossScaleCell, grad_scale, shard_grad_scale
+
+    class RLAccumulatingStepCell(MFPipelineWithLossScaleCell):
+        def construct(self, *inputs):
+            scaling_sens = self.scale_sense
+            loss, grads, grad_scale_factor = self.grads_for_mcore(scaling_sens, *inputs)
+            if self.opt_shard:
+                grads = self.grad_reducer(grads)
+                grads = self.hyper_map(F.partial(shard_grad_scale, scaling_sens * self.degree, grad_scale_factor),
+                                       grads, self.accu_grads)
+            else:
+                accu_grads = self.grad_reducer(self.accu_grads)
+                grads = self.hyper_map(F.partial(grad_scale, scaling_sens * self.degree, grad_scale_factor), grads,
+                                       accu_grads)
+            global_norm = ops.zeros((), ms.float32)
+            if self.use_clip_grad:
+                grads, global_norm = self.clip_grad_norm(grads)
+            loss = ops.depend(loss, self.optimizer(grads))
+            return loss, global_norm
+
+    return RLAccumulatingStepCell
+
+
+class ShardedPolicy:
+    """The actor under semi-auto parallel (module docstring). ``prepare`` keeps the whole global batch (the
+    framework slices it by DP, then the accumulation / pipeline cell into micro-batches)."""
+
+    kind = "sharded"
+
+    def __init__(self, model, rcfg, response_len: int, rows: int, plan):
+        import mindspore as ms
+        from mindformers.core.optim import AdamW
+        from mindformers.wrapper.wrapper import GradAccumulationCellWithMultiOutputs, PipelineCellWithMultiOutputs
+        from mindspore.nn.wrap.cell_wrapper import _VirtualDatasetCell
+
+        from recast_ms.models.sharded import ShardedResponseLogProbs
+
+        lay = plan.layout
+        self.model, self.rcfg, self.R, self.plan = model, rcfg, int(response_len), plan
+        self.rows = int(rows)
+        self.micro = min(rcfg.micro_batch_size, self.rows)  # rows per micro-batch (global, sliced by DP)
+        self.num_micro = self.rows // self.micro  # the plan checked divisibility
+        self.on_policy = rcfg.ppo_epochs == 1
+        self.lr = float(rcfg.lr)
+        dp, tp, pp = lay.data_parallel, lay.model_parallel, lay.pipeline_stage
+        stage = pp - 1 if pp > 1 else -1
+        self.pipeline = pp > 1
+        self.network = _rl_network(model, rcfg, self.R, self.on_policy, dp, tp, stage,
+                                   lay.micro_batch_num if self.pipeline else self.num_micro)
+        self.logps_fn = ShardedResponseLogProbs(model, self.R, rcfg.temperature, dp=dp, tp=tp, stage=stage)
+        params = model.trainable_params()
+        groups = [{"params": [p for p in params if len(p.shape) >= 2], "weight_decay": rcfg.weight_decay},
+                  {"params": [p for p in params if len(p.shape) < 2], "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        self.optimizer = AdamW(groups, learning_rate=self.lr, betas=(0.9, 0.999), eps=1e-8,
+                               weight_decay=rcfg.weight_decay)
+        clip = rcfg.grad_clip > 0
+        scale = ms.Tensor(1.0, ms.float32)
+        if self.pipeline or self.num_micro > 1:
+            micro = lay.micro_batch_num if self.pipeline else self.num_micro
+            net = PipelineCellWithMultiOutputs(self.network, micro) if self.pipeline \
+                else GradAccumulationCellWithMultiOutputs(self.network, micro)
+            self.train_cell = _accumulating_step_cls()(_VirtualDatasetCell(net), self.optimizer, use_clip_grad=clip,
+                                                       max_grad_norm=rcfg.grad_clip or 1.0, scale_sense=scale,
+                                                       micro_batch_num=micro)
+        else:  # one micro-batch per step (ReCast's [2P, T] at the default size): no accumulation buffers
+            self.train_cell = _train_one_step_cls()(_VirtualDatasetCell(self.network), self.optimizer,
+                                                    use_clip_grad=clip, max_grad_norm=rcfg.grad_clip or 1.0,
+                                                    scale_sense=scale)
+        self.train_cell.set_train(True)
+        self.strategy_path, self.compiled = "", False
+
+    def prepare(self, input_ids, resp_start, loss_mask, advantages) -> StepBatch:
+        import mindspore as ms
+
+        if len(input_ids) != self.rows:
+            raise RuntimeError(f"actor batch has {len(input_ids)} rows, the compiled shape is {self.rows}")
+        mbs = [slice(k * self.micro, (k + 1) * self.micro) for k in range(self.num_micro)]
+        micro = [(ms.Tensor(input_ids[m]), ms.Tensor(resp_start[m])) for m in mbs]
+        return StepBatch(input_ids, resp_start, advantages, loss_mask, len(input_ids), micro)
+
+    def old_logps(self, batch: StepBatch) -> list:
+        return [self.logps_fn(i, s) for i, s in batch.micro]
+
+    def zeros(self, batch: StepBatch) -> list:
+        import mindspore as ms
+
+        z = ms.Tensor(np.zeros((self.micro, self.R), np.float32))
+        return [z] * len(batch.micro)
+
+    def set_strategy_file(self, path: str) -> None:
+        """The actor update graph's strategy file goes to ``path`` (the sharded checkpoints' layout); graphs
+        compiled after it write elsewhere, so a later forward graph never replaces it."""
+        self.strategy_path = path
+
+    def train_step(self, *inputs):
+        """One optimizer step of the whole global batch (the graph the dry run compiles)."""
+        if not self.compiled and self.strategy_path:
+            import mindspore as ms
+
+            os.makedirs(os.path.dirname(self.strategy_path), exist_ok=True)
+            ms.set_auto_parallel_context(strategy_ckpt_config={"save_file": self.strategy_path,
+                                                               "only_trainable_params": False})
+            out = self.train_cell(*inputs)
+            ms.set_auto_parallel_context(strategy_ckpt_config={
+                "save_file": self.strategy_path.replace(".ckpt", ".later_graphs.ckpt"), "only_trainable_params": False})
+            self.compiled = True
+            return out
+        self.compiled = True
+        return self.train_cell(*inputs)
+
+    def update(self, batch: StepBatch, old: list, ref: list, lr: float) -> Tuple[np.ndarray, float]:
+        import mindspore as ms
+        from mindspore import ops
+
+        if abs(lr - self.lr) > 1e-12 * max(1.0, abs(lr)):
+            raise ValueError(f"the sharded policy's AdamW was built with lr={self.lr}; a step asked for {lr}")
+        cat = (lambda xs: xs[0]) if len(old) == 1 else (lambda xs: ops.concat(xs, 0))
+        inputs = (ms.Tensor(batch.input_ids), ms.Tensor(batch.resp_start), cat(old), cat(ref),
+                  ms.Tensor(batch.advantages), ms.Tensor(batch.loss_mask),
+                  ms.Tensor(np.full(len(batch.input_ids), batch.num_seqs, np.float32)))
+        stats, grad_norm = np.zeros(4), 0.0
+        for _ in range(self.rcfg.ppo_epochs):
+            self.network.rl_stats.set_data(ms.Tensor(np.zeros(3, np.float32)))
+            out = self.train_step(*inputs)
+            loss, norm = out[0], out[-1]
+            stats += np.concatenate([[_scalar(loss)], _array(self.network.rl_stats)])
+            grad_norm = _scalar(norm) if norm is not None else 0.0
+        return stats / self.rcfg.ppo_epochs, grad_norm
+
+    def save(self, run_dir: str, step: int, meta: dict, rank: int, init_checkpoint: Optional[str]) -> None:
+        from recast_ms.trainer import sharded_checkpoint as sc
+
+        sc.save_rank_state(run_dir, step, self.train_cell, {**meta, "phase": meta.get("phase", "rl")}, rank)
+
+    def load(self, path: str) -> dict:
+        from recast_ms.trainer import sharded_checkpoint as sc
+
+        return sc.load_rank_state(path, self.train_cell)
+
+
+def _scalar(x) -> float:
+    v = np.asarray(x.asnumpy() if hasattr(x, "asnumpy") else x, np.float64).reshape(-1)
+    return float(v[0]) if v.size else 0.0
+
+
+def _array(x) -> np.ndarray:
+    v = x.asnumpy() if hasattr(x, "asnumpy") else x
+    return np.asarray(v, np.float64).reshape(-1)
+
+
+class ShardedReference:
+    """The frozen reference under semi-auto parallel: a second model with the actor's config and layout
+    (parameters named ``ref.*``, no gradient), forward only, its slices loaded per rank."""
+
+    kind = "sharded"
+
+    def __init__(self, model, rcfg, response_len: int, plan):
+        from mindspore.nn.utils import no_init_parameters
+
+        from recast_ms.models.policy import _eval_only
+        from recast_ms.models.sharded import ShardedResponseLogProbs
+        from recast_ms.trainer.setup import quiet_stdout
+
+        lay = plan.layout
+        with quiet_stdout(), no_init_parameters():
+            self.model = type(model)(copy.deepcopy(model.config))
+        for param in self.model.get_parameters():
+            # requires_grad stays as built: this model is only ever in forward graphs (no gradient is taken), and
+            # under pipeline stages MindSpore counts a stage's parameters by it ("Stage 0 should has at least 1
+            # parameter", seen compiling under DryRun with every ref parameter frozen)
+            param.name = "ref." + param.name
+        _eval_only(self.model)
+        stage = lay.pipeline_stage - 1 if lay.pipeline_stage > 1 else -1
+        self.logps_fn = ShardedResponseLogProbs(self.model, response_len, rcfg.temperature, dp=lay.data_parallel,
+                                                tp=lay.model_parallel, stage=stage)
+
+    def copy_from(self, actor) -> int:
+        """Give the reference the actor's weights before any graph compiles (the framework then slices both per
+        rank); returns how many tensors were copied. Parameters that hold no data yet (built under
+        ``no_init_parameters``, as in the dry run) are left alone. This holds a second full copy on the host
+        until the first compile: the per-rank loading of slices only is not wired into the run yet (docs/ascend.md)."""
+        source = dict(actor.parameters_and_names())
+        copied = 0
+        for name, param in self.model.parameters_and_names():
+            src = source.get(name)
+            if src is None:
+                raise RuntimeError(f"reference parameter {name} has no counterpart in the actor")
+            if getattr(src, "has_init", False):
+                continue
+            import mindspore as ms
+
+            param.set_data(ms.Tensor(src.asnumpy()))
+            copied += 1
+        return copied
+
+    def logps(self, batch: StepBatch) -> list:
+        out = [self.logps_fn(i, s) for i, s in batch.micro]
+        out[-1].asnumpy()
+        return out
+
+
+# ----------------------------------------------------------------------------- the factory
+
+
+@dataclass
+class Engines:
+    rollout: object  # an IncrementalDecoder
+    policy: object  # LocalPolicy | ShardedPolicy
+    reference: Optional[object]  # LocalReference | ShardedReference | None (kl_coef = 0)
+    host_rank: int  # the rank whose share of the global batch this process rolls out and selects
+    host_world: int  # ranks the host-side batch is split over (1 under semi-auto: every rank sees the whole batch)
+
+
+def build_engines(plan, model, rcfg, *, response_len: int, prompt_len: int, pad_id: int, rows_per_host: int,
+                  rank: int, world_size: int) -> Engines:
+    """The engines the runtime ``plan`` names (``plan.rollout_engine``, ``plan.train_wrapper``) over ``model``.
+    ``rows_per_host``: the actor rows of the batch this process's host side builds."""
+    from recast_ms.rollout.decoder import FullForwardDecoder, make_decoder
+
+    if plan is not None and plan.use_parallel:
+        from recast_ms.models.sharded import ShardedLogitsAt
+
+        lay = plan.layout
+        policy = ShardedPolicy(model, rcfg, response_len, rows_per_host, plan)
+        reference = ShardedReference(model, rcfg, response_len, plan) if rcfg.kl_coef > 0 else None
+        if reference is not None:
+            reference.copy_from(model)  # the actor's starting weights (--init / hf_checkpoint), before any compile
+        stage = lay.pipeline_stage - 1 if lay.pipeline_stage > 1 else -1
+        rollout = FullForwardDecoder(ShardedLogitsAt(model, dp=lay.data_parallel, tp=lay.model_parallel, stage=stage),
+                                     prompt_len + response_len, pad_id)
+        return Engines(rollout, policy, reference, host_rank=0, host_world=1)
+    policy = LocalPolicy(model, rcfg, response_len, rows_per_host, world_size)
+    reference = LocalReference(model, rcfg, response_len) if rcfg.kl_coef > 0 else None
+    rollout = make_decoder(model, prompt_len, response_len, pad_id)
+    return Engines(rollout, policy, reference, host_rank=rank, host_world=world_size)
+
+
+def engine_names(use_parallel: bool) -> Sequence[str]:
+    """(rollout, policy, reference) as the runtime plan prints them."""
+    if use_parallel:
+        return ("sharded_full_forward", "mindformers_train_one_step", "sharded_reference")
+    return ("kv_decoder", "recast_cells", "frozen_copy")

@@ -1,0 +1,91 @@
+"""Sharded checkpoints (recast_ms/trainer/sharded_checkpoint.py) on CPU, against strategy files a DryRun compile
+wrote for the micro model's RL step (tests/fixtures/strategy/, made by tests/test_dryrun.py's commands; that
+test also checks a fresh compile still writes these layouts):
+
+* ``dp2_tp2.ckpt``: DP 2 x TP 2 on 4 ranks (``runtime.model_parallel=2``, world 4), the actor update graph;
+* ``tp2.ckpt``: DP 1 x TP 2 on 2 ranks (world 2).
+
+Known tensors are sliced per rank by :func:`slice_for_rank` (the project's reading of a layout), merged by
+MindSpore's ``transform_checkpoints`` (its own), and must come back equal; re-sliced onto the other layout, every
+destination rank's slices must equal the slices of the same tensors under that layout."""
+import os
+
+import numpy as np
+import pytest
+
+ms = pytest.importorskip("mindspore")
+
+from recast_ms.trainer import sharded_checkpoint as sc  # noqa: E402
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "strategy")
+DP2_TP2, TP2 = os.path.join(FIXTURES, "dp2_tp2.ckpt"), os.path.join(FIXTURES, "tp2.ckpt")
+# the micro model (model_configs/qwen3_micro.yaml): hidden 64, 4 heads / 2 KV heads of 16, MLP 128, vocab padded
+QKV = "decoder.layers.0.self_attention.linear_qkv.weight"
+PROJ = "decoder.layers.0.self_attention.linear_proj.weight"
+
+
+def _full_shapes(strategy, slice_shapes):
+    out = {}
+    for name, (dev, tmap, _) in sc.layouts(strategy).items():
+        if name not in slice_shapes:
+            continue
+        out[name] = [n * (dev[len(dev) - 1 - m] if m >= 0 else 1) for n, m in zip(slice_shapes[name], tmap)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def full():
+    lay = sc.layouts(DP2_TP2)
+    rng = np.random.default_rng(0)
+    # the micro model's full shapes, known independently of the strategy file
+    shapes = {QKV: (128, 64), PROJ: (64, 64), "decoder.layers.0.mlp.linear_fc1.weight": (256, 64),
+              "decoder.layers.0.mlp.linear_fc2.weight": (64, 128), "decoder.layers.0.input_layernorm.weight": (64,)}
+    assert set(shapes) <= set(lay), sorted(lay)[:10]
+    return {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+
+
+def test_the_fixture_layouts_are_tensor_parallel():
+    lay = sc.layouts(DP2_TP2)
+    dev, tmap, _ = lay[QKV]
+    assert sorted(dev) == [1, 2, 2] or np.prod(dev) == 4, dev
+    assert tmap[0] >= 0 and tmap[1] == -1  # column parallel: q/k/v rows split over TP
+    _, tmap_proj, _ = lay[PROJ]
+    assert tmap_proj[0] == -1 and tmap_proj[1] >= 0  # row parallel: input columns split
+    for moment in ("optimizer.adam_m.", "optimizer.adam_v."):  # the AdamW moments are sliced as their weight
+        assert lay[moment + QKV][:2] == lay[QKV][:2]
+
+
+def test_slice_for_rank_column_and_row_parallel(full):
+    lay = sc.layouts(DP2_TP2)
+    halves = {tuple(sc.slice_for_rank(full[QKV], *lay[QKV][:2], r).shape) for r in range(4)}
+    assert halves == {(64, 64)}
+    parts = [sc.slice_for_rank(full[QKV], *lay[QKV][:2], r) for r in range(4)]
+    # the four ranks hold the two row halves, each twice (the DP replicas)
+    top = sum(np.array_equal(p, full[QKV][:64]) for p in parts)
+    bottom = sum(np.array_equal(p, full[QKV][64:]) for p in parts)
+    assert (top, bottom) == (2, 2)
+    proj = [sc.slice_for_rank(full[PROJ], *lay[PROJ][:2], r) for r in range(4)]
+    assert {p.shape for p in proj} == {(64, 32)}
+    assert any(np.array_equal(p, full[PROJ][:, :32]) for p in proj)
+    assert any(np.array_equal(p, full[PROJ][:, 32:]) for p in proj)
+
+
+def test_merge_gives_back_the_full_tensors(full, tmp_path):
+    step = str(tmp_path / "step_1")
+    sc.write_rank_slices(full, DP2_TP2, range(4), step)
+    merged = sc.merge(step, str(tmp_path / "merged.ckpt"))
+    for name, value in full.items():
+        np.testing.assert_array_equal(merged[name], value, err_msg=name)
+
+
+def test_transform_onto_another_layout(full, tmp_path):
+    step = str(tmp_path / "step_1")
+    sc.write_rank_slices(full, DP2_TP2, range(4), step)
+    dst = sc.transform(step, str(tmp_path / "tp2"), TP2)
+    lay = sc.layouts(TP2)
+    for rank in range(2):
+        files = [f for f in os.listdir(os.path.join(dst, f"rank_{rank}")) if f.endswith(".ckpt")]
+        assert len(files) == 1, files
+        got = {k: v.asnumpy() for k, v in ms.load_checkpoint(os.path.join(dst, f"rank_{rank}", files[0])).items()}
+        for name, value in full.items():
+            np.testing.assert_array_equal(got[name], sc.slice_for_rank(value, *lay[name][:2], rank), err_msg=name)
