@@ -11,8 +11,9 @@ Two models, kept apart because the two backends keep memory differently:
   micro-batch with ``PP`` of them in flight on the first stage) with or without full recompute, sequence
   parallel dividing every term by TP, flash attention (no ``S x S`` scores), plus the fp32 logits /
   log-softmax / gradient over the (vocab-parallel) vocabulary that the project's token log-prob needs. The
-  rollout phase: KV cache of ``P*G / DP`` rows, plus a bf16 copy of the weights when the rollout engine is
-  MindFormers' inference model. Peak = resident (params + grads + moments + reference) + the largest phase
+  rollout phase: on the data-parallel path the KV cache of ``P*G / DP`` rows; under semi-auto parallel (the
+  actor's own graph rerun per token, no cache) one layer's forward activations of a ``rl.rollout_rows`` chunk
+  plus its fp32 next-token logits. Peak = resident (params + grads + moments + reference) + the largest phase
   (rollout, reference forward, update). ``fits`` compares it with MindFormers' ``max_device_memory``
   fraction of the device (58 of 64 GB).
 * **CPU** (:func:`predict_cpu_rss_mb`, calibrated): MindSpore 2.9's CPU backend keeps, for the process's
@@ -140,14 +141,18 @@ def _stage_params(s: Shape, tp: int, pp: int) -> float:
 
 def plan_ascend(s: Shape, *, dp: int, tp: int, pp: int, micro_batch_num: int, optimizer_parallel: bool,
                 recompute: bool, seq_parallel: bool, flash: bool, train_rows: int, rollout_rows: int,
-                seq: int, kl: bool = True, rollout_engine: str = "mindformers_infer") -> Dict[str, float]:
+                seq: int, kl: bool = True, rollout_engine: str = "sharded_full_forward",
+                rollout_chunk: int = 256) -> Dict[str, float]:
     """Per-device bytes of each term (see the module docstring); ``total`` = resident + the largest phase."""
     pb, cb = DTYPE_BYTES[s.params_dtype], DTYPE_BYTES[s.compute_dtype]
     n_dev = _stage_params(s, tp, pp)
     shard = dp if optimizer_parallel else 1
     t = {"params": n_dev * pb / shard, "grads": n_dev * 4.0, "optimizer": n_dev * 8.0 / shard,
          "optimizer_no_opt_parallel": n_dev * 8.0, "optimizer_opt_parallel": n_dev * 8.0 / dp,
-         "reference": n_dev * cb if kl else 0.0}
+         # the reference is a second model of the actor's config and layout: its params_dtype, sharded as the
+         # actor's weights are (DryRun: the reference forward graph grows by 4 B/param/device at 14B DP 1 and by
+         # 2 B at 8B DP 2 with optimizer parallel, not by the compute dtype's 2 B)
+         "reference": n_dev * pb / shard if kl else 0.0}
     rows_dev = train_rows / dp
     layer_tok = layer_activation_bytes(s, compute_bytes=cb, flash=flash, tp=tp, seq_parallel=seq_parallel, seq=seq)
     if pp > 1:
@@ -163,9 +168,17 @@ def plan_ascend(s: Shape, *, dp: int, tp: int, pp: int, micro_batch_num: int, op
     t["logits"] = tokens * logits_bytes(s, train=True, tp=tp)
     t["activations"] = (stored if recompute else full) + t["logits"]
     t["ref_forward"] = tokens * (layer_tok + logits_bytes(s, train=False, tp=tp)) if kl else 0.0
-    t["kv_cache"] = rollout_rows / dp * seq * kv_bytes_per_token(s, compute_bytes=cb, tp=tp)
-    t["rollout_weights"] = (s.num_params / tp * cb) if rollout_engine == "mindformers_infer" else 0.0
-    t["rollout"] = t["kv_cache"] + t["rollout_weights"]
+    if rollout_engine == "sharded_full_forward":
+        # no cache: each new token reruns the actor's graph on [rl.rollout_rows, S] (the chunk); one layer's
+        # forward activations live at a time, plus the fp32 next-token logits of the chunk (vocab-parallel)
+        chunk = min(rollout_rows, rollout_chunk) / dp
+        t["kv_cache"] = 0.0
+        t["rollout_weights"] = 0.0
+        t["rollout"] = chunk * seq * layer_tok + chunk * 4.0 * s.vocab / tp
+    else:  # the KV decoder over the actor's own weights (data-parallel path)
+        t["kv_cache"] = rollout_rows / dp * seq * kv_bytes_per_token(s, compute_bytes=cb, tp=tp)
+        t["rollout_weights"] = 0.0
+        t["rollout"] = t["kv_cache"]
     t["resident"] = t["params"] + t["grads"] + t["optimizer"] + t["reference"]
     t["total"] = t["resident"] + max(t["rollout"], t["ref_forward"], t["activations"])
     return t
@@ -298,14 +311,15 @@ def records_from_bench_scale(bench: dict, *, model: str = "model_configs/qwen3_0
 # ----------------------------------------------------------------------------- the report
 
 
-def default_layout(model_yaml: str, devices: int) -> dict:
-    """The model YAML's TP / PP / recompute / optimizer parallel, with DP = devices / (TP x PP)."""
+def default_layout(model_yaml: str, devices: int, tp: int = 0, pp: int = 0) -> dict:
+    """The model YAML's TP / PP / recompute / optimizer parallel, with DP = devices / (TP x PP); ``tp`` / ``pp``
+    (> 0) replace the YAML's, as a run config's ``runtime.model_parallel`` / ``pipeline_stage`` do."""
     from recast_ms.runtime import check_layout, model_shape, read_model_yaml, yaml_layout, Layout  # noqa: E501 pylint: disable=import-outside-toplevel
 
     path = model_yaml if os.path.isabs(model_yaml) else os.path.join(REPO_ROOT, model_yaml)
     raw = read_model_yaml(path)
     base = yaml_layout(raw)
-    tp, pp = base.model_parallel, base.pipeline_stage
+    tp, pp = tp or base.model_parallel, pp or base.pipeline_stage
     if devices % (tp * pp):
         raise ValueError(f"{devices} devices not divisible by TP x PP = {tp} x {pp}")
     layout = Layout(devices // (tp * pp), tp, pp, base.micro_batch_num, base.optimizer_parallel, base.recompute)
@@ -320,15 +334,16 @@ def default_layout(model_yaml: str, devices: int) -> dict:
 
 def plan_report(model_yaml: str, devices: int, device_memory_gb: float, *, group_size: int, prompts: int,
                 micro_batch_size: int = 128, seq_length: Optional[int] = None, kl: bool = True,
-                optimizer_parallel: Optional[bool] = None, recompute: Optional[bool] = None) -> dict:
+                optimizer_parallel: Optional[bool] = None, recompute: Optional[bool] = None, tp: int = 0,
+                pp: int = 0) -> dict:
     """Per-device plan for grpo (``[P*G, T]``) and recast (``[2P, T]``) on Ascend, plus the CPU calibration."""
     s = load_shape(model_yaml, seq_length=seq_length)
-    lay = default_layout(model_yaml, devices)
+    lay = default_layout(model_yaml, devices, tp, pp)
     if optimizer_parallel is not None:
         lay["optimizer_parallel"] = optimizer_parallel
     if recompute is not None:
         lay["recompute"] = recompute
-    engine = "kv_decoder" if lay["tp"] == 1 and lay["pp"] == 1 and not lay["optimizer_parallel"] else "mindformers_infer"
+    engine = "kv_decoder" if lay["tp"] == 1 and lay["pp"] == 1 and not lay["optimizer_parallel"] else "sharded_full_forward"
     out = {"model": model_yaml, "devices": devices, "device_memory_gb": device_memory_gb,
            "usable_gb": round(device_memory_gb * USABLE_FRACTION, 2), "params": s.num_params,
            "seq_length": s.seq_length, "group_size": group_size, "prompts": prompts,
@@ -373,7 +388,7 @@ def format_report(rep: dict) -> str:
             ("activations / micro-batch, no recompute", "activations_no_recompute"),
             ("activations / micro-batch, recompute", "activations_recompute"), ("logits (fp32, log-softmax, grad)", "logits"),
             ("update phase (as planned)", "activations"), ("reference forward phase", "ref_forward"),
-            ("rollout KV cache", "kv_cache"), ("rollout weights (inference copy)", "rollout_weights"),
+            ("rollout KV cache (data-parallel path)", "kv_cache"), ("rollout phase (as planned)", "rollout"),
             ("resident", "resident"), ("**total (peak)**", "total")]
     for label, key in keys:
         if key is None:

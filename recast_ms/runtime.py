@@ -323,10 +323,10 @@ def plan_runtime(cfg, device_target: str, world_size: int, model_yaml: Optional[
     if pp > 1:
         raise PlanError(
             f"pipeline_stage={pp}: the RL step's pipeline graphs do not compile with MindSpore 2.9 / MindFormers 1.9 "
-            "(under DryRun: the actor update over PipelineCellWithMultiOutputs crashes, 'Pipeline Parallel with no "
-            "lazy_inline is deprecated'; stage 1's forward graph fails with 'The pointer[abs] is null'; "
-            "docs/ascend.md); use tensor parallel instead, e.g. runtime.model_parallel=8 runtime.pipeline_stage=1 "
-            "(Qwen3-14B's 40 heads / 8 KV heads split 8 ways)")
+            "(under DryRun: stage 0's actor update over PipelineCellWithMultiOutputs fails with 'The pointer[micro] "
+            "is null', stage 1's rollout forward with 'The pointer[abs] is null'; docs/ascend.md); use tensor "
+            "parallel instead, e.g. runtime.model_parallel=8 runtime.pipeline_stage=1 (Qwen3-14B's 40 heads / 8 KV "
+            "heads split 8 ways)")
     if stage == "sft" and not data_parallel_only:
         raise PlanError(
             f"SFT on the semi-auto layout DP x TP = {dp} x {tp} (optimizer parallel {layout.optimizer_parallel}) is "

@@ -72,6 +72,8 @@ def main(argv=None):
     p.add_argument("--seq-length", type=int, default=None, help="tokens per row (default: the model YAML's)")
     p.add_argument("--optimizer-parallel", default="auto", choices=["auto", "true", "false"])
     p.add_argument("--recompute", default="auto", choices=["auto", "true", "false"])
+    p.add_argument("--model-parallel", type=int, default=0, help="TP (default: the model YAML's)")
+    p.add_argument("--pipeline-stage", type=int, default=0, help="PP (default: the model YAML's)")
     p.add_argument("--no-kl", action="store_true", help="no reference model (rl.kl_coef = 0)")
     p.add_argument("--calibrate", action="store_true", help="print the CPU calibration as JSON and exit")
     p.add_argument("--add-record", default=None, help="a measured record (JSON) to add to the calibration file")
@@ -93,7 +95,7 @@ def main(argv=None):
         rep = mp.plan_report(args.model, args.devices, args.device_memory_gb, group_size=args.group_size,
                              prompts=args.prompts, micro_batch_size=args.micro_batch_size, seq_length=args.seq_length,
                              kl=not args.no_kl, optimizer_parallel=_tri(args.optimizer_parallel),
-                             recompute=_tri(args.recompute))
+                             recompute=_tri(args.recompute), tp=args.model_parallel, pp=args.pipeline_stage)
     except ValueError as err:  # the memory plan's own checks (layout vs devices, a null vocab_size)
         raise ConfigError(str(err)) from None
     print(mp.format_report(rep))

@@ -162,6 +162,10 @@ def _rl_network(model, rcfg, response_len: int, on_policy: bool, dp: int, tp: in
     from recast_ms.trainer.loss import PolicyLoss
 
     class RLNetwork(nn.Cell):
+        # MindSpore's gradient accumulation / pipeline under semi-auto parallel find the micro-step border through
+        # a lazy-inline cell directly under the accumulation cell, as MindFormers' trainer has its model there
+        # ("Cannot find grad_accumulation border node" without it, seen compiling)
+        @ms.lazy_inline
         def __init__(self):
             super().__init__(auto_prefix=False)
             self.network = model  # get_real_models() walks .network to the mcore model
