@@ -100,17 +100,69 @@ def summary(args) -> dict:
                     slope = (peaks[4] - peaks[2]) / 2
                     rows[f"{model}_w{world}_{est}_r{rank}"] = {
                         "model": model, "world_size": world, "estimator": est, "rank": rank,
+                        "layout": _layout(model, world),
                         "peak_mb_L2": peaks[2], "peak_mb_L4": peaks[4], "per_layer_mb": slope,
                         "full_depth": full_depth, "extrapolated_peak_mb": round(peaks[2] + (full_depth - 2) * slope)}
+    for row in rows.values():  # the memory planner at the run's settings (seq 64, micro-batch 32, P = 16, G = 32)
+        row["planned_mb"] = planned_mb(row["model"], row["world_size"], row["estimator"])
+        row["planner_error"] = round(row["planned_mb"] / row["extrapolated_peak_mb"] - 1, 3)
     out = {"note": "simulated device peaks (MindSpore DryRun, a model of the cluster's memory, not a measurement), "
-                   "extrapolated per layer from 2- and 4-layer compiles of the real width",
+                   "extrapolated per layer from 2- and 4-layer compiles of the real width; planned_mb: "
+                   "recast_ms.memory_plan at the same settings",
            "rows": rows}
     with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(out, f, indent=1)
     for key, row in rows.items():
         print(f"{key:32s} L2 {row['peak_mb_L2']:>7} MB  L4 {row['peak_mb_L4']:>7} MB  {row['per_layer_mb']:>7.0f} MB/layer  "
-              f"-> {row['full_depth']} layers {row['extrapolated_peak_mb']:>7} MB")
+              f"-> {row['full_depth']} layers {row['extrapolated_peak_mb']:>7} MB; planned {row['planned_mb']} MB "
+              f"({row['planner_error']:+.1%})")
+    print("\n" + markdown(out))
     return out
+
+
+def markdown(out: dict) -> str:
+    lines = ["| model | devices | DP x TP | estimator | rank | 2 layers | 4 layers | per layer | full depth (extrapolated) "
+             "| planned | planner error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in out["rows"].values():
+        lines.append(f"| {row['model']} | {row['world_size']} | {row['layout']} | {row['estimator']} | {row['rank']} | "
+                     f"{row['peak_mb_L2']:,} | {row['peak_mb_L4']:,} | {row['per_layer_mb']:,.0f} | "
+                     f"{row['extrapolated_peak_mb']:,} | {row['planned_mb']:,} | {row['planner_error']:+.1%} |")
+    return "\n".join(lines)
+
+
+def write_docs(out: dict, path: str = os.path.join(ROOT, "docs", "ascend.md")) -> None:
+    import re
+
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    block = "<!-- dryrun_scale --summary -->\n" + markdown(out) + "\n<!-- /dryrun_scale -->"
+    new = re.sub(r"<!-- dryrun_scale --summary -->.*?<!-- /dryrun_scale -->", lambda _: block, text, flags=re.S)
+    if new == text and block not in text:
+        raise SystemExit(f"{path}: no dryrun_scale markers to replace")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(new)
+
+
+def _layout(model: str, world: int) -> str:
+    from recast_ms.config import load_config
+    from recast_ms.runtime import plan_runtime
+
+    lay = plan_runtime(load_config(os.path.join(ROOT, MODELS[model][0]), ["runtime.world_size=0"]), "Ascend",
+                       world).layout
+    return f"{lay.data_parallel} x {lay.model_parallel}"
+
+
+def planned_mb(model: str, world: int, estimator: str) -> int:
+    from recast_ms.config import load_config
+    from recast_ms.memory_plan import plan_report
+    from recast_ms.runtime import plan_runtime
+
+    cfg = load_config(os.path.join(ROOT, MODELS[model][0]), ["runtime.world_size=0"])
+    plan = plan_runtime(cfg, "Ascend", world)
+    rep = plan_report(cfg.model_config, world, 64, group_size=cfg.rl.group_size, prompts=cfg.rl.prompts_per_step,
+                      micro_batch_size=cfg.rl.micro_batch_size, seq_length=cfg.seq_length,
+                      tp=plan.layout.model_parallel, pp=plan.layout.pipeline_stage)
+    return round(rep[estimator]["total_gb"] * 1024)
 
 
 def main() -> int:
@@ -120,9 +172,13 @@ def main() -> int:
     p.add_argument("--ranks", default="both", choices=("first", "last", "both"))
     p.add_argument("--timeout", type=float, default=3600.0)
     p.add_argument("--summary", action="store_true", help="only write summary.json from the finished JSONs")
+    p.add_argument("--docs", action="store_true",
+                   help="also replace the table between the dryrun_scale markers in docs/ascend.md")
     args = p.parse_args()
     if args.summary:
-        summary(args)
+        out = summary(args)
+        if args.docs:
+            write_docs(out)
         return 0
     rc = run(args)
     summary(args)
