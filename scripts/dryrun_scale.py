@@ -88,7 +88,7 @@ def summary(args) -> dict:
                 for rank in sorted({0, world - 1}):
                     peaks = {}
                     for layers in DEPTHS:
-                        path = os.path.join(args.out, name(model, world, est, layers, rank))
+                        path = os.path.join(args.reports or args.out, name(model, world, est, layers, rank))
                         if os.path.exists(path):
                             with open(path, encoding="utf-8") as f:
                                 rep = json.load(f)
@@ -117,6 +117,7 @@ def summary(args) -> dict:
               f"-> {row['full_depth']} layers {row['extrapolated_peak_mb']:>7} MB; planned {row['planned_mb']} MB "
               f"({row['planner_error']:+.1%})")
     print("\n" + markdown(out))
+    print(json.dumps(out))
     return out
 
 
@@ -172,6 +173,7 @@ def main() -> int:
     p.add_argument("--ranks", default="both", choices=("first", "last", "both"))
     p.add_argument("--timeout", type=float, default=3600.0)
     p.add_argument("--summary", action="store_true", help="only write summary.json from the finished JSONs")
+    p.add_argument("--reports", default=None, help="read the per-cell JSONs from here (default: --out)")
     p.add_argument("--docs", action="store_true",
                    help="also replace the table between the dryrun_scale markers in docs/ascend.md")
     args = p.parse_args()

@@ -223,6 +223,8 @@ SCRIPT_RUNS = {
     "plan_memory.py": ["--model", "model_configs/qwen3_0_6b.yaml", "--devices", "1", "--group-size", "4", "--prompts", "2"],
     "show_plan.py": ["--world-size", "1", "--device", "CPU"],
     "make_method_figure.py": ["--out", "{tmp}/method.png"],
+    # the summary of the committed DryRun reports (compiling them is hours: scripts/dryrun_scale.py's docstring)
+    "dryrun_scale.py": ["--summary", "--out", "{tmp}", "--reports", "docs/bench/dryrun_scale"],
 }
 
 
@@ -245,6 +247,10 @@ def _check_script_output(name, out, tmp_path):
         assert res["devices"] == 1 and res["recast"]["total_gb"] > 0
     elif name == "show_plan.py":
         assert res["device_target"] == "CPU" and res["world_size"] == 1
+    elif name == "dryrun_scale.py":
+        row = res["rows"]["qwen3_8b_w8_recast_r0"]
+        assert row["extrapolated_peak_mb"] == row["peak_mb_L2"] + 34 * (row["peak_mb_L4"] - row["peak_mb_L2"]) // 2
+        assert (tmp_path / "summary.json").exists() and row["planned_mb"] > 0
 
 
 @pytest.mark.slow

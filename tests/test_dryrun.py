@@ -72,11 +72,12 @@ def test_cli_compiles_micro_sft_and_rl_on_one_device(stub, tmp_path):
 
 def test_two_ranks_of_the_data_parallel_rl_step_compile(stub, tmp_path):
     # grpo, 2 micro-batches per rank: the gradient-buffer path whose optimizer cell all-reduces over HCCL
+    # one rank of the two (the last; the first rank of a launch is compiled by the tests below): the graphs are alike
     report = dr.dryrun(None, MICRO_OVERRIDES + ["rl.estimator=grpo", "rl.micro_batch_size=4"], world_size=2,
-                       ranks=[0, 1], phases=["rl"],
+                       ranks=[1], phases=["rl"],
                        stub=stub, scratch=str(tmp_path), timeout=900)
     assert report["error"] is None, report["error"]
-    for rank in ("0", "1"):
+    for rank in ("1",):
         r = report["ranks"][rank]
         assert r["compiled"] is True and r["peak_mb"] > 0, r
         assert {"rl/rollout_prefill", "rl/rollout_decode", "rl/reference_forward", "rl/actor_update_grpo"} \
