@@ -67,3 +67,23 @@ def test_sharded_logits_at_equal_plain(trainer):
     sharded = ShardedLogitsAt(trainer.model, dp=2, tp=2)(ids, pos).asnumpy()
     assert sharded.shape == plain.shape == (8, trainer.model.config.vocab_size)
     np.testing.assert_allclose(sharded, plain, rtol=0, atol=2e-5)
+
+
+def test_sharded_reference_takes_the_actors_weights(trainer):
+    """The semi-auto reference engine is a second model of the actor's config; copy_from gives it the actor's
+    weights (before any compile), after which its log-probs equal the actor's."""
+    from types import SimpleNamespace
+
+    from recast_ms.runtime import Layout
+    from recast_ms.trainer.engines import ShardedReference, StepBatch
+
+    ref = ShardedReference(trainer.model, trainer.rcfg, trainer.R, SimpleNamespace(layout=Layout(1, 1, 1, 1, False, False)))
+    assert all(p.name.startswith("ref.") for p in ref.model.get_parameters())
+    n = len(list(trainer.model.get_parameters()))
+    assert ref.copy_from(trainer.model) == n
+    batch = trainer.make_batch()
+    ids, start = ms.Tensor(batch.input_ids), ms.Tensor(batch.resp_start)
+    sb = StepBatch(batch.input_ids, batch.resp_start, batch.advantages, batch.loss_mask, len(ids), [(ids, start)])
+    got = ref.logps(sb)[0].asnumpy()
+    # the sharded cell vs the plain one: equal weights, fp32 rounding of two op orders (as above)
+    np.testing.assert_allclose(got, trainer.policy.logps_fn(ids, start).asnumpy(), rtol=0, atol=2e-5)

@@ -50,10 +50,33 @@ class StepBatch:
     micro: List[tuple]  # per micro-batch (input_ids, resp_start) device tensors
 
 
+class _Policy:
+    """What both policy engines share: old log-probs per micro-batch, and the zeros that stand in for them."""
+
+    micro: int
+    R: int
+
+    def old_logps(self, batch: StepBatch) -> list:
+        return [self.logps_fn(i, s) for i, s in batch.micro]
+
+    def zeros(self, batch: StepBatch) -> list:
+        import mindspore as ms
+
+        z = ms.Tensor(np.zeros((self.micro, self.R), np.float32))
+        return [z] * len(batch.micro)
+
+
+class _Reference:
+    def logps(self, batch: StepBatch) -> list:
+        out = [self.logps_fn(i, s) for i, s in batch.micro]
+        out[-1].asnumpy()  # graph calls are asynchronous: the caller times the stage, not its launch
+        return out
+
+
 # ----------------------------------------------------------------------------- local: whole model per process
 
 
-class LocalPolicy:
+class LocalPolicy(_Policy):
     """The actor on one device (CPU / data-parallel Ascend): :class:`recast_ms.trainer.optim.Optimizer` over the
     RL loss cell, ``micro`` rows per forward/backward, fused into one graph when one micro-batch covers the step."""
 
@@ -89,15 +112,6 @@ class LocalPolicy:
         micro = [(ms.Tensor(input_ids[m]), ms.Tensor(resp_start[m])) for m in mbs]
         return StepBatch(input_ids, resp_start, advantages, loss_mask, B, micro)
 
-    def old_logps(self, batch: StepBatch) -> list:
-        return [self.logps_fn(i, s) for i, s in batch.micro]
-
-    def zeros(self, batch: StepBatch) -> list:
-        import mindspore as ms
-
-        z = ms.Tensor(np.zeros((self.micro, self.R), np.float32))
-        return [z] * len(batch.micro)
-
     def update(self, batch: StepBatch, old: list, ref: list, lr: float) -> Tuple[np.ndarray, float]:
         """``rl.ppo_epochs`` optimizer steps; returns ``(loss, pg_loss, kl, clip_frac)`` and the pre-clip norm."""
         import mindspore as ms
@@ -128,7 +142,7 @@ class LocalPolicy:
         return ckpt.load_train_state(path, self.model, self.opt)
 
 
-class LocalReference:
+class LocalReference(_Reference):
     """The frozen reference on one device: a copy of the actor's weights (``freeze_copy``), response log-probs."""
 
     kind = "local"
@@ -140,11 +154,6 @@ class LocalReference:
         with quiet_stdout():  # MindFormers print()s its config table on every model build
             self.model = freeze_copy(model)
         self.logps_fn = ResponseLogProbs(self.model, response_len, rcfg.temperature)
-
-    def logps(self, batch: StepBatch) -> list:
-        out = [self.logps_fn(i, s) for i, s in batch.micro]
-        out[-1].asnumpy()  # graph calls are asynchronous: the caller times the stage, not its launch
-        return out
 
 
 # ----------------------------------------------------------------------------- sharded: semi-auto parallel
@@ -249,7 +258,7 @@ def _accumulating_step_cls():
     return RLAccumulatingStepCell
 
 
-class ShardedPolicy:
+class ShardedPolicy(_Policy):
     """The actor under semi-auto parallel (module docstring). ``prepare`` keeps the whole global batch (the
     framework slices it by DP, then the accumulation / pipeline cell into micro-batches)."""
 
@@ -306,15 +315,6 @@ class ShardedPolicy:
         mbs = [slice(k * self.micro, (k + 1) * self.micro) for k in range(self.num_micro)]
         micro = [(ms.Tensor(input_ids[m]), ms.Tensor(resp_start[m])) for m in mbs]
         return StepBatch(input_ids, resp_start, advantages, loss_mask, len(input_ids), micro)
-
-    def old_logps(self, batch: StepBatch) -> list:
-        return [self.logps_fn(i, s) for i, s in batch.micro]
-
-    def zeros(self, batch: StepBatch) -> list:
-        import mindspore as ms
-
-        z = ms.Tensor(np.zeros((self.micro, self.R), np.float32))
-        return [z] * len(batch.micro)
 
     def set_strategy_file(self, path: str) -> None:
         """The actor update graph's strategy file goes to ``path`` (the sharded checkpoints' layout); graphs
@@ -377,9 +377,10 @@ def _array(x) -> np.ndarray:
     return np.asarray(v, np.float64).reshape(-1)
 
 
-class ShardedReference:
+class ShardedReference(_Reference):
     """The frozen reference under semi-auto parallel: a second model with the actor's config and layout
-    (parameters named ``ref.*``, no gradient), forward only, its slices loaded per rank."""
+    (parameters named ``ref.*``), only ever in forward graphs, given the actor's starting weights before the first
+    compile (:meth:`copy_from`; the framework slices both per rank)."""
 
     kind = "sharded"
 
@@ -408,24 +409,20 @@ class ShardedReference:
         rank); returns how many tensors were copied. Parameters that hold no data yet (built under
         ``no_init_parameters``, as in the dry run) are left alone. This holds a second full copy on the host
         until the first compile: the per-rank loading of slices only is not wired into the run yet (docs/ascend.md)."""
-        source = dict(actor.parameters_and_names())
+        import mindspore as ms
+
+        source = {p.name: p for p in actor.get_parameters()}
         copied = 0
-        for name, param in self.model.parameters_and_names():
-            src = source.get(name)
+        for param in self.model.get_parameters():
+            src = source.get(param.name[len("ref."):])
             if src is None:
-                raise RuntimeError(f"reference parameter {name} has no counterpart in the actor")
+                raise RuntimeError(f"reference parameter {param.name} has no counterpart in the actor")
             if getattr(src, "has_init", False):
                 continue
-            import mindspore as ms
-
             param.set_data(ms.Tensor(src.asnumpy()))
             copied += 1
         return copied
 
-    def logps(self, batch: StepBatch) -> list:
-        out = [self.logps_fn(i, s) for i, s in batch.micro]
-        out[-1].asnumpy()
-        return out
 
 
 # ----------------------------------------------------------------------------- the factory
