@@ -142,7 +142,7 @@ def _stage_params(s: Shape, tp: int, pp: int) -> float:
 def plan_ascend(s: Shape, *, dp: int, tp: int, pp: int, micro_batch_num: int, optimizer_parallel: bool,
                 recompute: bool, seq_parallel: bool, flash: bool, train_rows: int, rollout_rows: int,
                 seq: int, kl: bool = True, rollout_engine: str = "sharded_full_forward",
-                rollout_chunk: int = 256) -> Dict[str, float]:
+                rollout_chunk: int = 256, accumulate: bool = False) -> Dict[str, float]:
     """Per-device bytes of each term (see the module docstring); ``total`` = resident + the largest phase."""
     pb, cb = DTYPE_BYTES[s.params_dtype], DTYPE_BYTES[s.compute_dtype]
     n_dev = _stage_params(s, tp, pp)
@@ -179,7 +179,11 @@ def plan_ascend(s: Shape, *, dp: int, tp: int, pp: int, micro_batch_num: int, op
         t["kv_cache"] = rollout_rows / dp * seq * kv_bytes_per_token(s, compute_bytes=cb, tp=tp)
         t["rollout_weights"] = 0.0
         t["rollout"] = t["kv_cache"]
-    t["resident"] = t["params"] + t["grads"] + t["optimizer"] + t["reference"]
+    # several micro-batches per step under semi-auto parallel: MindFormers' accu_grads beside the gradients, which
+    # DryRun shows at ~4 B/param/device (8B at DP 2 x TP 4, GRPO's 16 micro-batches: 828 MB per layer against
+    # ReCast's fused 588)
+    t["grad_accumulation"] = n_dev * 4.0 if accumulate else 0.0
+    t["resident"] = t["params"] + t["grads"] + t["optimizer"] + t["reference"] + t["grad_accumulation"]
     t["total"] = t["resident"] + max(t["rollout"], t["ref_forward"], t["activations"])
     return t
 
@@ -357,7 +361,10 @@ def plan_report(model_yaml: str, devices: int, device_memory_gb: float, *, group
         t = plan_ascend(s, dp=lay["dp"], tp=lay["tp"], pp=lay["pp"], micro_batch_num=lay["micro_batch_num"],
                         optimizer_parallel=lay["optimizer_parallel"], recompute=lay["recompute"],
                         seq_parallel=lay["seq_parallel"], flash=lay["flash"], train_rows=micro,
-                        rollout_rows=prompts * group_size, seq=s.seq_length, kl=kl, rollout_engine=engine)
+                        rollout_rows=prompts * group_size, seq=s.seq_length, kl=kl, rollout_engine=engine,
+                        # semi-auto only: on the data-parallel path DryRun shows no such term (0.6B GRPO's
+                        # two-micro-batch step peaks below ReCast's fused one)
+                        accumulate=not dp_path and rows > micro)
         gb = {k: round(v / GB, 3) for k, v in t.items()}
         split = lay["dp"] * (lay["micro_batch_num"] if lay["pp"] > 1 else 1)
         out[est] = {"actor_rows": rows, "micro_rows": micro, "actor_tokens": rows * s.seq_length,
@@ -387,6 +394,7 @@ def format_report(rep: dict) -> str:
             ("  with optimizer parallel", "optimizer_opt_parallel"), ("reference model", "reference"),
             ("activations / micro-batch, no recompute", "activations_no_recompute"),
             ("activations / micro-batch, recompute", "activations_recompute"), ("logits (fp32, log-softmax, grad)", "logits"),
+            ("gradient accumulation buffers", "grad_accumulation"),
             ("update phase (as planned)", "activations"), ("reference forward phase", "ref_forward"),
             ("rollout KV cache (data-parallel path)", "kv_cache"), ("rollout phase (as planned)", "rollout"),
             ("resident", "resident"), ("**total (peak)**", "total")]
