@@ -459,10 +459,3 @@ def build_engines(plan, model, rcfg, *, response_len: int, prompt_len: int, pad_
     reference = LocalReference(model, rcfg, response_len) if rcfg.kl_coef > 0 else None
     rollout = make_decoder(model, prompt_len, response_len, pad_id)
     return Engines(rollout, policy, reference, host_rank=rank, host_world=world_size)
-
-
-def engine_names(use_parallel: bool) -> Sequence[str]:
-    """(rollout, policy, reference) as the runtime plan prints them."""
-    if use_parallel:
-        return ("sharded_full_forward", "mindformers_train_one_step", "sharded_reference")
-    return ("kv_decoder", "recast_cells", "frozen_copy")
