@@ -145,6 +145,10 @@ class RLConfig:
     eval_steps: Tuple[int, ...] = _f((), "explicit evaluation steps (0 = before training); the last step is always "
                                           "evaluated (a grid cell is finished when its last step has an evaluation)")
     save_every: int = _f(10, "steps between checkpoints")
+    # the entropy is a second teacher-forced decode of the actor rows: ~1.2 s of a 6 s tiny-model GRPO step
+    # (G = 16, P = 16) on the 2-core CPU, which a speed comparison should not carry
+    log_entropy: bool = _f(True, "log policy/entropy_full and policy/entropy_sid every step (an extra forward over "
+                                 "the actor rows); false for speed benchmarks")
     # beam: all-zero groups ~ 1 - Pass@G, as in OpenOneRec-RL's recipe; deterministic, no rollout RNG
     rollout: str = _f("sample", "group source: sample (G draws at rl.temperature) | beam (the G best SID-constrained "
                                 "beams, temperature 1, no length normalisation: every constrained beam has the same "

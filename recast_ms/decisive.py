@@ -204,7 +204,7 @@ def analyse(arms: Dict[str, Dict[int, List[dict]]], sft_pass_at_10_full: Optiona
             firsts = [_train_window(rows, key, True) for rows in arms[a].values()]
             lasts = [_train_window(rows, key, False) for rows in arms[a].values()]
             tr[key] = {"first20_mean": float(np.mean(firsts)), "last20_mean": float(np.mean(lasts)),
-                       "last20_sd": float(np.std(lasts))}
+                       "last20_sd": float(np.std(lasts, ddof=1)) if len(lasts) > 1 else 0.0}
         out["training"][a] = tr
     return _clean(out)
 

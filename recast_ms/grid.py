@@ -254,11 +254,17 @@ def matched_budget_ratio(recast_rows: List[dict], grpo_rows: List[dict]) -> Opti
 
 
 def _curves(rows_by_seed: List[List[dict]], key: str):
-    """Mean and std over seeds at the steps every seed logged ``key``."""
+    """Mean and sample SD (``ddof=1``, as every verdict) over seeds at the steps every seed logged ``key``."""
     per_seed = [{r["step"]: r[key] for r in rows if key in r} for rows in rows_by_seed]
     steps = sorted(set.intersection(*(set(d) for d in per_seed))) if per_seed else []
     vals = np.array([[d[s] for s in steps] for d in per_seed]).reshape(len(per_seed), len(steps))
-    return steps, vals.mean(0), vals.std(0)
+    return steps, vals.mean(0), _sd(vals)
+
+
+def _sd(vals, axis=0):
+    """Sample SD over seeds (``ddof=1``, the verdicts' SD); 0 for a single seed."""
+    vals = np.asarray(vals, dtype=float)
+    return vals.std(axis, ddof=1) if vals.shape[axis] > 1 else np.zeros_like(vals.mean(axis))
 
 
 def _ms(vals, fmt="{:.4f}") -> str:
@@ -269,7 +275,7 @@ def _ms(vals, fmt="{:.4f}") -> str:
         return fmt.format(vals[0])
     mean = float(np.mean(vals))
     mean = 0.0 if abs(mean) < 1e-12 else mean  # a difference that is zero up to float error prints as +0.0000
-    return f"{fmt.format(mean)} ± {fmt.replace('+', '').format(np.std(vals))}"
+    return f"{fmt.format(mean)} ± {fmt.replace('+', '').format(float(_sd(vals)))}"
 
 
 def _window(rows: List[dict], key: str, first: bool, n: int = 10) -> float:
@@ -319,7 +325,7 @@ def grid_report(cells: Dict[str, dict], out_dir: str, preset: Optional[dict] = N
     def col(k, key):
         return [c["summary"][key] for c in groups[k]]
 
-    agg = {f"{s}|G{G}|{e}": {key: {"mean": float(np.mean(col((s, G, e), key))), "std": float(np.std(col((s, G, e), key))),
+    agg = {f"{s}|G{G}|{e}": {key: {"mean": float(np.mean(col((s, G, e), key))), "std": float(_sd(col((s, G, e), key))),
                                    "n": len(groups[(s, G, e)])} for key in groups[(s, G, e)][0]["summary"]}
            for s, G, e in keys}
     budget = {}
@@ -332,7 +338,7 @@ def grid_report(cells: Dict[str, dict], out_dir: str, preset: Optional[dict] = N
     blocks = (preset or {}).get("blocks") or [{"name": "main"}]
     md = ["# Experiment grid report", "",
           "Every number is read from a cell's own `metrics.jsonl` (config beside it in `cells/<name>/config.yaml`); "
-          "mean ± std (population) over the seeds listed. Pass@K/Recall@K/NDCG@K: beam search (constrained to the "
+          "mean ± sample SD (ddof=1, as in every verdict) over the seeds listed. Pass@K/Recall@K/NDCG@K: beam search (constrained to the "
           "catalogue) on the first `data.max_eval_prompts` test prompts; `SFT` is the step-0 evaluation of the "
           "same checkpoint on the same prompts. Timings are medians over steps after the first (graph compile).", ""]
     if sft_dirs:
@@ -399,7 +405,7 @@ def grid_report(cells: Dict[str, dict], out_dir: str, preset: Optional[dict] = N
                     xs = xs[w - 1:]
                 if len(xs):
                     ax.plot(xs, ys, marker="o" if key.startswith("eval") else None, ms=3, label=e)
-            ax.set_title(f"{title}\n{s}, G={G}" + (" (mean ± std over seeds)" if key.startswith("eval")
+            ax.set_title(f"{title}\n{s}, G={G}" + (" (mean ± sample SD over seeds)" if key.startswith("eval")
                                                    else " (5-step mean)"), fontsize=9)
             ax.set_xlabel("RL step")
             ax.grid(alpha=0.3)

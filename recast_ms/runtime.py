@@ -320,13 +320,6 @@ def plan_runtime(cfg, device_target: str, world_size: int, model_yaml: Optional[
     check_groups(cfg, dp, stage)
     # every device holds the full weights: the data-parallel path CPU msrun runs, with HCCL for MCCL
     data_parallel_only = tp == 1 and pp == 1 and not layout.optimizer_parallel
-    if pp > 1:
-        raise PlanError(
-            f"pipeline_stage={pp}: the RL step's pipeline graphs do not compile with MindSpore 2.9 / MindFormers 1.9 "
-            "(under DryRun: stage 0's actor update over PipelineCellWithMultiOutputs fails with 'The pointer[micro] "
-            "is null', stage 1's rollout forward with 'The pointer[abs] is null'; docs/ascend.md); use tensor "
-            "parallel instead, e.g. runtime.model_parallel=8 runtime.pipeline_stage=1 (Qwen3-14B's 40 heads / 8 KV "
-            "heads split 8 ways)")
     if stage == "sft" and not data_parallel_only:
         raise PlanError(
             f"SFT on the semi-auto layout DP x TP = {dp} x {tp} (optimizer parallel {layout.optimizer_parallel}) is "
@@ -357,6 +350,8 @@ def plan_runtime(cfg, device_target: str, world_size: int, model_yaml: Optional[
         parallel["enable_parallel_optimizer"] = layout.optimizer_parallel
         if pp > 1:
             parallel["pipeline_stages"] = pp
+            # the forward graphs' outputs (rollout logits, log-probs) from the last stage to every stage's host
+            parallel["pipeline_result_broadcast"] = True
     dtypes = {k: str(mc.get(k, FP32_DTYPES[k])) for k in FP32_DTYPES}
     if data_parallel_only:
         engine = "kv_decoder"

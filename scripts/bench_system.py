@@ -28,7 +28,7 @@ def worker_overrides(args):
             f"rl.prompts_per_step={args.prompts}", f"rl.steps={args.steps}",
             *([f"rl.micro_batch_size={args.micro}"] if args.micro else []),
             f"model_config={args.model}", "rl.kl_coef=0.001", f"data.num_users={max(600, 4 * args.prompts)}",
-            f"rl.rollout={args.rollout}"]
+            f"rl.rollout={args.rollout}", f"rl.log_entropy={str(bool(args.log_entropy)).lower()}"]
 
 
 def worker(args):
@@ -43,6 +43,8 @@ def worker(args):
     rows = [tr.step() for _ in range(args.steps)]
     keys = ["timing_s/step", "timing_s/rollout", "timing_s/reward", "timing_s/signal", "timing_s/old_log_prob",
             "timing_s/ref", "timing_s/update_actor"]
+    if args.log_entropy:
+        keys.append("timing_s/entropy")
     out = {k.split("/")[1]: float(np.median([r[k] for r in rows[1:]])) for k in keys}
     out.update({"actor_rows": rows[-1]["actor/rows"], "actor_tokens": rows[-1]["actor/tokens"],
                 "actor_response_tokens": float(np.mean([r["actor/response_tokens"] for r in rows])),
@@ -55,7 +57,8 @@ def run_one(estimator, G, args):
     run_dir = os.path.join(args.work_dir, f"{estimator}_G{G}")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--estimator", estimator, "--group-size", str(G),
            "--prompts", str(args.prompts), "--steps", str(args.steps), "--micro", str(args.micro),
-           "--model", args.model, "--rollout", args.rollout, "--run-dir", run_dir]
+           "--model", args.model, "--rollout", args.rollout, "--run-dir", run_dir,
+           *(["--log-entropy"] if args.log_entropy else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -73,6 +76,10 @@ def parse_args(argv=None):
     p.add_argument("--model", default="model_configs/qwen3_tiny.yaml")
     p.add_argument("--rollout", default="sample", choices=["sample", "beam"],
                    help="rl.rollout: G sampled responses per prompt, or the G best constrained beams")
+    # TRL logs its entropy from the training forward; ours is a second forward over the actor rows (a diagnostic of
+    # issue 24, on in the main job), so a speed comparison leaves it out unless asked
+    p.add_argument("--log-entropy", action="store_true",
+                   help="keep the per-step policy-entropy diagnostic on (rl.log_entropy; off here by default)")
     p.add_argument("--sweep", default="", help="comma-separated G values for the decoupling sweep, e.g. 8,16,32,64")
     p.add_argument("--work-dir", default="/tmp/recast_bench_system")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -109,6 +116,7 @@ def main(argv=None):
     G = args.group_size
     summary = {
         "group_size": G, "prompts_per_step": args.prompts, "model": args.model, "rollout": args.rollout,
+        "log_entropy": bool(args.log_entropy),
         "actor_tokens_ratio": ratio(G, "actor_tokens"),
         "recast_over_grpo_actor_tokens": 1.0 / ratio(G, "actor_tokens"),
         "update_actor_ratio": ratio(G, "update_actor"),

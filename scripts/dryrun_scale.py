@@ -28,19 +28,22 @@ MODELS = {  # run config, full depth
     "qwen3_14b": ("model_configs/runs/ascend_qwen3_14b.yaml", 40),
     "qwen3_0_6b": ("model_configs/runs/ascend_qwen3_0_6b.yaml", 28),
 }
-WORLDS = {"qwen3_8b": (8, 16), "qwen3_14b": (8, 16), "qwen3_0_6b": (8,)}
+# the paper's 14B layout (DP 1 x TP 4 x PP 2 on 8 devices) beside the shipped TP 8 one
+MODELS["qwen3_14b_pp2"] = (MODELS["qwen3_14b"][0], 40)
+EXTRA = {"qwen3_14b_pp2": ["runtime.model_parallel=4", "runtime.pipeline_stage=2"]}
+WORLDS = {"qwen3_8b": (8, 16), "qwen3_14b": (8, 16), "qwen3_0_6b": (8,), "qwen3_14b_pp2": (8,)}
 ESTIMATORS = ("recast", "grpo")
 DEPTHS = (2, 4)
 
 
-def jobs(only: str, ranks: str):
+def jobs(only: str, ranks: str, depths=DEPTHS):
     out = []
     for model, (config, _) in MODELS.items():
         if only and only not in model:
             continue
         for world in WORLDS[model]:
             for est in ESTIMATORS:
-                for layers in DEPTHS:
+                for layers in depths:
                     rank_list = {"first": [0], "last": [world - 1], "both": [0, world - 1]}[ranks]
                     for rank in rank_list:
                         out.append((model, config, world, est, layers, rank))
@@ -56,7 +59,7 @@ def run(args) -> int:
     from recast_ms.dryrun import dryrun
 
     os.makedirs(args.out, exist_ok=True)
-    todo = jobs(args.only, args.ranks)
+    todo = jobs(args.only, args.ranks, tuple(int(x) for x in args.layers.split(",")))
     for i, (model, config, world, est, layers, rank) in enumerate(todo):
         path = os.path.join(args.out, name(model, world, est, layers, rank))
         if os.path.exists(path):
@@ -66,10 +69,11 @@ def run(args) -> int:
                     continue
         t0 = time.time()
         print(f"[{i + 1}/{len(todo)}] {os.path.basename(path)}: compiling", flush=True)
-        report = dryrun(os.path.join(ROOT, config), [f"rl.estimator={est}", "runtime.world_size=0"], world, [rank],
-                        phases=["rl"], timeout=args.timeout, layers=layers)
+        extra = EXTRA.get(model, [])
+        report = dryrun(os.path.join(ROOT, config), [f"rl.estimator={est}", "runtime.world_size=0", *extra], world,
+                        [rank], phases=["rl"], timeout=args.timeout, layers=layers)
         report["command"] = (f"recast-dryrun --config {config} --world-size {world} --ranks {rank} --phases rl "
-                             f"--layers {layers} rl.estimator={est} runtime.world_size=0")
+                             f"--layers {layers} rl.estimator={est} runtime.world_size=0 {' '.join(extra)}").strip()
         report["wall_s"] = round(time.time() - t0, 1)
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
@@ -122,7 +126,7 @@ def summary(args) -> dict:
 
 
 def markdown(out: dict) -> str:
-    lines = ["| model | devices | DP x TP | estimator | rank | 2 layers | 4 layers | per layer | full depth (extrapolated) "
+    lines = ["| model | devices | DP x TP (x PP) | estimator | rank | 2 layers | 4 layers | per layer | full depth (extrapolated) "
              "| planned | planner error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in out["rows"].values():
         lines.append(f"| {row['model']} | {row['world_size']} | {row['layout']} | {row['estimator']} | {row['rank']} | "
@@ -148,9 +152,10 @@ def _layout(model: str, world: int) -> str:
     from recast_ms.config import load_config
     from recast_ms.runtime import plan_runtime
 
-    lay = plan_runtime(load_config(os.path.join(ROOT, MODELS[model][0]), ["runtime.world_size=0"]), "Ascend",
-                       world).layout
-    return f"{lay.data_parallel} x {lay.model_parallel}"
+    lay = plan_runtime(load_config(os.path.join(ROOT, MODELS[model][0]), ["runtime.world_size=0", *EXTRA.get(model, [])]),
+                       "Ascend", world).layout
+    pp = f" x {lay.pipeline_stage}" if lay.pipeline_stage > 1 else ""
+    return f"{lay.data_parallel} x {lay.model_parallel}{pp}"
 
 
 def planned_mb(model: str, world: int, estimator: str) -> int:
@@ -158,7 +163,7 @@ def planned_mb(model: str, world: int, estimator: str) -> int:
     from recast_ms.memory_plan import plan_report
     from recast_ms.runtime import plan_runtime
 
-    cfg = load_config(os.path.join(ROOT, MODELS[model][0]), ["runtime.world_size=0"])
+    cfg = load_config(os.path.join(ROOT, MODELS[model][0]), ["runtime.world_size=0", *EXTRA.get(model, [])])
     plan = plan_runtime(cfg, "Ascend", world)
     rep = plan_report(cfg.model_config, world, 64, group_size=cfg.rl.group_size, prompts=cfg.rl.prompts_per_step,
                       micro_batch_size=cfg.rl.micro_batch_size, seq_length=cfg.seq_length,
@@ -171,6 +176,8 @@ def main() -> int:
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "bench", "dryrun_scale"))
     p.add_argument("--only", default="", help="models whose name contains this")
     p.add_argument("--ranks", default="both", choices=("first", "last", "both"))
+    p.add_argument("--layers", default=",".join(map(str, DEPTHS)),
+                   help="depths to compile, comma-separated (default: 2,4; the summary extrapolates from both)")
     p.add_argument("--timeout", type=float, default=3600.0)
     p.add_argument("--summary", action="store_true", help="only write summary.json from the finished JSONs")
     p.add_argument("--reports", default=None, help="read the per-cell JSONs from here (default: --out)")

@@ -70,6 +70,8 @@ def _env():
     ("recast-main", ["--out", "{tmp}/m", "--config", "{tmp}/missing.yaml"], "config file not found: {tmp}/missing.yaml"),
     ("recast-sft", ["--run-dir", "{tmp}/r", "--config", "{tmp}/bad.yaml"], "{tmp}/bad.yaml: not valid YAML:"),
     ("recast-eval", ["--run-dir", "{tmp}/r", "--config", "{tmp}/empty.yaml"], "{tmp}/empty.yaml: the config file is empty"),
+    ("recast-sft", ["--run-dir", "{tmp}/r", "data.source=amazon", "data.root={tmp}", "data.dataset=Nope"],
+     "data.dataset 'Nope': no directory {tmp}/Nope; datasets under {tmp}: ['r']"),
 ])
 def test_config_errors_are_one_line_exit_2(command_name, argv, expected, tmp_path, monkeypatch, capsys):
     (tmp_path / "bad.yaml").write_text("rl:\n  group_size: [1\n  lr: 2\n")

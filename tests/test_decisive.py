@@ -255,3 +255,8 @@ def test_bench_system_passes_rollout_through(monkeypatch, capsys):
     args = bench.parse_args(["--worker", "--estimator", "grpo", "--rollout", "beam", "--group-size", "8"])
     cfg = load_config(None, bench.worker_overrides(args))
     assert cfg.rl.rollout == "beam" and cfg.rl.estimator == "grpo" and cfg.rl.group_size == 8
+    # the entropy diagnostic (a second forward) is off in the speed comparison unless asked for, and recorded
+    assert cfg.rl.log_entropy is False and summary["log_entropy"] is False
+    assert "--log-entropy" not in cmds[0]
+    on = bench.parse_args(["--worker", "--estimator", "grpo", "--log-entropy"])
+    assert load_config(None, bench.worker_overrides(on)).rl.log_entropy is True

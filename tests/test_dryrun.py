@@ -135,7 +135,20 @@ def test_grpo_tensor_parallel_step_accumulates_micro_batches_on_the_last_rank(st
     assert r["compiled"] is True and "rl/actor_update_grpo" in r["graphs"], r
 
 
-def test_pipeline_layouts_are_refused_before_compiling(stub, tmp_path):
-    report = dr.dryrun(None, MICRO_TP + ["runtime.pipeline_stage=2", "runtime.micro_batch_num=2"], world_size=4,
-                       ranks=[0], phases=["rl"], stub=stub, scratch=str(tmp_path), timeout=900)
-    assert report["ranks"]["0"]["compiled"] is False and "pipeline_stage=2" in report["error"]
+MICRO_PP = MICRO_TP + ["runtime.pipeline_stage=2", "runtime.micro_batch_num=2"]  # DP 1 x TP 2 x PP 2 on 4 ranks
+
+
+@pytest.mark.parametrize("rank, estimator, sends", [(0, "recast", "Send"), (3, "grpo", "Receive")])
+def test_pipeline_step_compiles_on_each_stage(stub, tmp_path, rank, estimator, sends):
+    # rank 0 holds stage 0, rank 3 the last stage: every graph of the step compiles on both (the forwards through
+    # MindSpore's pipeline-inference pattern, the update through MindFormers' PipelineCellWithMultiOutputs), and the
+    # stages talk (stage 0 sends activations, the last stage receives them)
+    report = dr.dryrun(None, MICRO_PP + [f"rl.estimator={estimator}"], world_size=4, ranks=[rank], phases=["rl"],
+                       stub=stub, scratch=str(tmp_path), timeout=900)
+    assert report["error"] is None, report["error"]
+    r = report["ranks"][str(rank)]
+    assert r["compiled"] is True, r
+    assert {"rl/rollout_forward_4rows", "rl/rollout_forward_16rows", "rl/reference_forward",
+            f"rl/actor_update_{estimator}"} <= set(r["graphs"]), r["graphs"]
+    coll = r["phases"]["rl"]["collectives"]
+    assert coll.get(sends, 0) > 0 and coll.get("AllReduce", 0) > 0, coll

@@ -113,13 +113,15 @@ def test_report_sections_from_logged_numbers(tmp_path):
                            0.1 * G if est == "grpo" else 0.25)
             cells[f"big{est}G{G}"] = c
     md = grid_report(cells, str(tmp_path / "out"))
-    assert "| big@d | 16 | recast | 0,1 | 0.0500 ± 0.0000 | 0.0700 ± 0.0100 | +0.0200 ± 0.0100 |" in md
+    # 0.06 and 0.08: the sample SD (ddof=1, as every verdict) is 0.0141, the population one would be 0.0100
+    assert "| big@d | 16 | recast | 0,1 | 0.0500 ± 0.0000 | 0.0700 ± 0.0141 | +0.0200 ± 0.0141 |" in md
+    assert "mean ± sample SD (ddof=1" in md
     # recast reaches grpo's final 0.07 only in seed 1 (0.08 at step 20 of grpo's 20)
     assert "| big@d | 16 | recast |" in md and "not reached, 1.000 |" in md
     assert "| big@d | 16 | grpo | 0.900 → 0.800 |" in md  # first-10 / last-10 step means
     assert "## Ablation" in md
     assert "| small@d | 16 | 0.0500 ± 0.0000 | 0.1000 ± 0.0000 | 0.900 | +0.0200 ± 0.0000 / +0.0000 ± 0.0000 | " \
-           "+0.0200 ± 0.0100 / +0.0000 ± 0.0000 |" in md
+           "+0.0200 ± 0.0141 / +0.0000 ± 0.0000 |" in md
     assert "## Search width (big@d)" in md
     # system table at G=32: 2048 vs 128 actor tokens, update 3.2 s vs 0.25 s
     sys_rows = md.split("## System cost at G=32")[1]

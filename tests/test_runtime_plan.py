@@ -91,9 +91,20 @@ def test_ascend_14b_tensor_parallel_and_overrides():
     assert any("world 32" in n for n in plan.notes)
 
 
-def test_pipeline_layouts_are_refused_naming_why_and_what_to_use():
-    with pytest.raises(PlanError, match=r"pipeline_stage=2: .*do not compile.*runtime.model_parallel=8"):
-        plan_runtime(cfg("runtime.model_parallel=4", "runtime.pipeline_stage=2", path=ascend_run("14b")), "Ascend", 8)
+def test_pipeline_layouts_plan_stages_and_the_result_broadcast():
+    # the paper's 14B layout (DP 1 x TP 4 x PP 2 on 8 devices): MindSpore pipelines with the forward graphs' results
+    # broadcast from the last stage (every stage's host reads the rollout logits / log-probs), MindFormers' vocab
+    # embedding reset as its build_parallel_config does
+    plan = plan_runtime(cfg("runtime.model_parallel=4", "runtime.pipeline_stage=2", path=ascend_run("14b")), "Ascend", 8)
+    assert plan.layout == Layout(1, 4, 2, 4, True, True)
+    assert plan.parallel["pipeline_stages"] == 2 and plan.parallel["pipeline_result_broadcast"] is True
+    assert plan.parallel_config["pipeline_stage"] == 2 and plan.parallel_config["vocab_emb_dp"] is False
+    assert plan.rollout_engine == "sharded_full_forward"
+    flat = plan_runtime(cfg(path=ascend_run("14b")), "Ascend", 8)  # the shipped TP 8 layout has no pipeline keys
+    assert "pipeline_stages" not in flat.parallel and "pipeline_result_broadcast" not in flat.parallel
+    with pytest.raises(PlanError, match="micro_batch_num=1 < pipeline_stage=2"):
+        plan_runtime(cfg("runtime.model_parallel=4", "runtime.pipeline_stage=2", "runtime.micro_batch_num=1",
+                         path=ascend_run("14b")), "Ascend", 8)
 
 
 def test_semi_auto_sft_is_refused_naming_the_data_parallel_path():
@@ -296,11 +307,9 @@ def test_init_runtime_applies_the_cpu_plan_and_refuses_what_cannot_run(monkeypat
     plan = setup.init_runtime(cfg("runtime.device_target=CPU"))
     assert plan.device_target == "CPU" and setup.current_plan() is plan and cpu_compat.cpu_patches_applied()
     monkeypatch.setattr(runtime, "require_device", lambda device: None)  # as if an Ascend device were here
-    # semi-auto SFT and pipeline layouts: one line, before anything is applied
+    # semi-auto SFT: one line, before anything is applied
     with pytest.raises(PlanError, match="SFT on the semi-auto layout"):
         setup.init_runtime(cfg(path=ascend_run("8b")), 8, stage="sft")
-    with pytest.raises(PlanError, match="pipeline_stage=2"):
-        setup.init_runtime(cfg("runtime.model_parallel=4", "runtime.pipeline_stage=2", path=ascend_run("14b")), 8)
     # data-parallel layouts (0.6B, 1.7B) are not refused; without msrun's communication init they cannot run
     for name in ("0_6b", "1_7b"):
         with pytest.raises(RuntimeError, match="8 ranks but communication is not initialised"):

@@ -87,3 +87,43 @@ def test_sharded_reference_takes_the_actors_weights(trainer):
     got = ref.logps(sb)[0].asnumpy()
     # the sharded cell vs the plain one: equal weights, fp32 rounding of two op orders (as above)
     np.testing.assert_allclose(got, trainer.policy.logps_fn(ids, start).asnumpy(), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("micro", [2, 4, 3])  # 3 does not divide the 8 rows: one micro-batch
+def test_pipeline_forward_equals_the_unwrapped_cells(trainer, micro):
+    """Under pipeline parallelism the forward graphs run as MindSpore's pipeline-inference pattern (a lazy-inline
+    body per micro-batch of rows, outputs concatenated); off a pipeline that must change no value. The body is the
+    plain one here: the CPU backend cannot run a lazy-inline cell called twice, and lazy_inline changes no value."""
+    from recast_ms.models.sharded import PipelineForward
+
+    batch = trainer.make_batch()
+    ids, start = ms.Tensor(batch.input_ids), ms.Tensor(batch.resp_start)
+    pos = ms.Tensor((batch.resp_start - 1).astype(np.int32))
+    logits_at = ShardedLogitsAt(trainer.model, dp=2, tp=2)
+    wrapped = PipelineForward(logits_at, micro, lazy_inline=False)
+    assert wrapped.is_logits_at  # FullForwardDecoder still takes it as its next-token cell
+    np.testing.assert_allclose(wrapped(ids, pos).asnumpy(), logits_at(ids, pos).asnumpy(), rtol=0, atol=2e-5)
+    logps = ShardedResponseLogProbs(trainer.model, trainer.R, 1.0, dp=2, tp=2)
+    np.testing.assert_allclose(PipelineForward(logps, micro, lazy_inline=False)(ids, start).asnumpy(), logps(ids, start).asnumpy(),
+                               rtol=0, atol=2e-5)
+
+
+def test_pure_morphs_changes_no_value(trainer):
+    """Clearing the side-effect flags of the linear layers' Morphs (needed by the last pipeline stages' forward
+    graphs) keeps the embedding's and changes no output. Last in this module: the flags stay cleared."""
+    from mindspore.ops.operations import Morph
+
+    from recast_ms.models.sharded import pure_morphs
+
+    batch = trainer.make_batch()
+    ids, start = ms.Tensor(batch.input_ids), ms.Tensor(batch.resp_start)
+    before = ResponseLogProbs(trainer.model, trainer.R)(ids, start).asnumpy()
+    morphs = [(type(c).__name__, p) for _, c in trainer.model.cells_and_names()
+              for p in getattr(c, "_primitives", {}).values() if isinstance(p, Morph)]
+    n = pure_morphs(trainer.model)
+    assert n == sum(1 for name, _ in morphs if "Embedding" not in name) and n > 0, morphs
+    for name, prim in morphs:
+        kept = "Embedding" in name
+        assert bool(prim.attrs.get("side_effect_mem")) is kept, name
+    after = ResponseLogProbs(trainer.model, trainer.R)(ids, start).asnumpy()
+    np.testing.assert_allclose(after, before, rtol=0, atol=1e-6)

@@ -89,3 +89,54 @@ def test_transform_onto_another_layout(full, tmp_path):
         got = {k: v.asnumpy() for k, v in ms.load_checkpoint(os.path.join(dst, f"rank_{rank}", files[0])).items()}
         for name, value in full.items():
             np.testing.assert_array_equal(got[name], sc.slice_for_rank(value, *lay[name][:2], rank), err_msg=name)
+
+
+class _TwoWeights(ms.nn.Cell):
+    def __init__(self, seed):
+        super().__init__()
+        rng = np.random.default_rng(seed)
+        self.w = ms.Parameter(ms.Tensor(rng.normal(size=(4, 3)).astype(np.float32)), name="w")
+        self.b = ms.Parameter(ms.Tensor(rng.normal(size=(3,)).astype(np.float32)), name="b")
+
+
+def test_save_rank_state_round_trips_and_prunes_old_steps(tmp_path):
+    run = str(tmp_path / "run")
+    strategy = sc.strategy_file(run, 1)
+    os.makedirs(os.path.dirname(strategy))
+    with open(DP2_TP2, "rb") as src, open(strategy, "wb") as dst:
+        dst.write(src.read())
+    saved = _TwoWeights(seed=0)
+    for step in (1, 2, 3):  # rank 0 marks each step and keeps the newest two; rank 1 only writes its slices
+        for rank in (0, 1):
+            sc.save_rank_state(run, step, saved, {"estimator": "recast"}, rank=rank, world_size=2)
+    ckpts = os.path.join(run, "checkpoints")
+    assert sorted(os.listdir(ckpts)) == ["step_2", "step_3"]
+    step_dir = os.path.join(ckpts, "step_3")
+    assert sorted(os.listdir(step_dir)) == ["meta.json", "rank_0", "rank_1"]  # no temporary directory left
+    assert sorted(os.listdir(sc.rank_dir(step_dir, 1))) == ["meta.json", "state_1.ckpt", "strategy.ckpt"]
+    assert "strategy.ckpt" not in os.listdir(sc.rank_dir(step_dir, 0))  # rank 0 had no strategy file
+    fresh = _TwoWeights(seed=1)
+    assert not np.array_equal(fresh.w.asnumpy(), saved.w.asnumpy())
+    meta = sc.load_rank_state(step_dir, fresh, rank=1)
+    assert meta == {"step": 3, "rank": 1, "world_size": 2, "estimator": "recast"}
+    np.testing.assert_array_equal(fresh.w.asnumpy(), saved.w.asnumpy())
+    np.testing.assert_array_equal(fresh.b.asnumpy(), saved.b.asnumpy())
+    with pytest.raises(FileNotFoundError, match="no slices for rank 5"):
+        sc.load_rank_state(step_dir, fresh, rank=5)
+
+
+def test_a_failed_rank_save_leaves_the_previous_slices(tmp_path, monkeypatch):
+    run = str(tmp_path / "run")
+    cell = _TwoWeights(seed=0)
+    final = sc.save_rank_state(run, 1, cell, {}, rank=0, world_size=1)
+    before = open(os.path.join(final, "state_0.ckpt"), "rb").read()
+
+    def broken(*_a, **_k):
+        raise KeyboardInterrupt  # what a kill mid-write raises
+
+    monkeypatch.setattr(ms, "save_checkpoint", broken)
+    with pytest.raises(KeyboardInterrupt):
+        sc.save_rank_state(run, 1, _TwoWeights(seed=1), {}, rank=0, world_size=1)
+    step_dir = os.path.dirname(final)
+    assert sorted(os.listdir(step_dir)) == ["meta.json", "rank_0"]
+    assert open(os.path.join(final, "state_0.ckpt"), "rb").read() == before

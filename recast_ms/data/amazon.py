@@ -65,6 +65,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
+from recast_ms.config import ConfigError
 from recast_ms.data.sample import LoadReport, Sample, Splits
 from recast_ms.sid import MINIONEREC_FORMAT, SID, SIDCodebook, SIDFormat, parse_sid_string
 
@@ -469,6 +470,11 @@ def derive_training(valid_rows: Sequence[Row], test_rows: Sequence[Row], report:
     return train
 
 
+class DatasetNotFound(ConfigError, FileNotFoundError):
+    """``data.dataset`` / ``data.root`` name no dataset directory: a config error (the commands print it as one line,
+    exit 2), still a ``FileNotFoundError`` for code that catches that."""
+
+
 def load_amazon(dataset: str, root: Optional[PathLike] = None, valid_in_train: bool = False,
                 fmt: SIDFormat = MINIONEREC_FORMAT, codebook_size: int = 256, period: str = PERIOD) -> Splits:
     """Catalogue + train/valid/test samples of one dataset; see the module docstring for the protocol.
@@ -479,7 +485,7 @@ def load_amazon(dataset: str, root: Optional[PathLike] = None, valid_in_train: b
     root = Path(root) if root is not None else default_data_root()
     if not (root / dataset).is_dir():
         found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-        raise FileNotFoundError(f"data.dataset {dataset!r}: no directory {root / dataset}; datasets under {root}: "
+        raise DatasetNotFound(f"data.dataset {dataset!r}: no directory {root / dataset}; datasets under {root}: "
                                 f"{found or 'none (is data.root / $RECAST_DATA_ROOT right?)'} (shipped: {list(DATASETS)})")
     files = dataset_files(root, dataset, period)
     report = LoadReport()

@@ -149,3 +149,77 @@ class ShardedLogitsAt(_ShardedHead):
     def construct(self, input_ids, positions):
         logits = self.head(input_ids, ops.reshape(positions, (-1, 1)))  # [B, V]
         return ops.cast(logits, ms.float32)
+
+
+class _InlineForward(nn.Cell):
+    """The forward cell as the micro-batch body of :class:`PipelineForward`."""
+
+    def __init__(self, cell):
+        super().__init__(auto_prefix=False)
+        self.cell = cell
+
+    def construct(self, input_ids, positions):
+        return self.cell(input_ids, positions)
+
+
+class _LazyInlineForward(_InlineForward):
+    """The body as a ``lazy_inline`` cell, as MindSpore pipelines want their repeated body (the training side has
+    the RL loss network there). The CPU backend cannot run a lazy-inline cell called more than once ("Input[0] must
+    be a Primitive ValueNode", segment_runner.cc), so CPU tests take the plain body: the same values."""
+
+    @ms.lazy_inline
+    def __init__(self, cell):
+        super().__init__(cell)
+
+
+class PipelineForward(nn.Cell):
+    r"""A forward cell of the sharded engines under pipeline parallelism (``pipeline_stage > 1``): MindSpore's
+    pipeline inference pattern (``mindspore.parallel.sync_pipeline_shared_parameters``' example
+    ``PipelineCellInference``): a ``lazy_inline`` body called once per micro-batch on row slices of the inputs, the
+    outputs concatenated. With ``pipeline_result_broadcast`` in the auto-parallel context (the runtime plan sets it)
+    the last stage's result reaches every stage.
+
+    Inputs / output: those of ``cell`` (``input_ids [B, S]``, ``[B]`` positions -> ``[B, ...]``). ``micro``
+    micro-batches when they divide ``B``, else one.
+    """
+
+    def __init__(self, cell, micro: int, lazy_inline: bool = True):
+        super().__init__(auto_prefix=False)
+        self.network = _LazyInlineForward(cell) if lazy_inline else _InlineForward(cell)
+        self.micro = max(1, int(micro))
+        self.is_logits_at = bool(getattr(cell, "is_logits_at", False))
+
+    def construct(self, input_ids, positions):
+        rows = input_ids.shape[0]
+        micro = self.micro if rows % self.micro == 0 else 1
+        size = rows // micro
+        outs = ()
+        for i in range(micro):
+            outs = outs + (self.network(input_ids[i * size:(i + 1) * size], positions[i * size:(i + 1) * size]),)
+        if micro == 1:
+            return outs[0]
+        return ops.concat(outs, 0)
+
+
+def pure_morphs(model) -> int:
+    """Drop the side-effect flags of the ``Morph`` primitives in ``model``'s layers (MindFormers wraps every linear
+    layer's matmul in one; MindSpore marks each Morph ``side_effect_mem`` / ``side_effect_io``), the embedding's
+    excepted; returns how many. Needed under pipeline parallelism for the forward graphs of the last stages: there
+    every sub-graph is inlined into one, MindSpore's pipeline split replaces the monad coming from the previous
+    stage with a ``UMonad`` value node that has no abstract, and the first Morph of the stage then fails to expand
+    ("The pointer[abs] is null", ``morph.cc`` ``AddMonadParameterForFuncGraph``, seen under DryRun). The linear
+    layers' functions are pure (a matmul, and in ``RowParallelLinear`` its tensor-parallel AllReduce), so no order
+    is lost. The embedding's Morph stays as built: it is on the first stage, and without the flags its function
+    does not compile ("The parameters number of the function is 3, but the number of provided arguments is 2")."""
+    from mindspore.ops.operations import Morph
+
+    count = 0
+    for _, cell in model.cells_and_names():
+        if "Embedding" in type(cell).__name__:
+            continue
+        for prim in getattr(cell, "_primitives", {}).values():
+            if isinstance(prim, Morph):
+                prim.add_prim_attr("side_effect_mem", False)
+                prim.add_prim_attr("side_effect_io", False)
+                count += 1
+    return count

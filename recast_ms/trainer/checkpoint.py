@@ -58,24 +58,38 @@ LOCK_FILE = ".lock"
 logger = logging.getLogger(__name__)
 
 
-def save_state(run_dir: str, step: int, tensors: Dict[str, np.ndarray], meta: dict, keep: int = 2) -> str:
-    ckpt_root = os.path.join(run_dir, "checkpoints")
-    os.makedirs(ckpt_root, exist_ok=True)
-    final = os.path.join(ckpt_root, f"step_{step}")
-    tmp = tempfile.mkdtemp(prefix=f".step_{step}.", dir=ckpt_root)
+@contextmanager
+def atomic_dir(final: str, prefix: str):
+    """Yield a fresh temporary directory beside ``final``; on a clean exit it replaces ``final`` by one rename, on
+    any exception (a kill's KeyboardInterrupt included) it is removed, so ``final`` is never half written."""
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
-        save_checkpoint(tensors, os.path.join(tmp, "state.ckpt"))
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({"step": int(step), **meta}, f)
+        yield tmp
         if os.path.exists(final):
             shutil.rmtree(final)
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    older = [(s, p) for s, p in _list(ckpt_root) if s <= step]  # never prune past the run's own step
-    for old_step, path in older[:-keep] if keep > 0 else []:
+
+
+def prune(ckpt_root: str, step: int, keep: int) -> None:
+    """Keep the newest ``keep`` step directories up to ``step`` (never prune past the run's own step)."""
+    older = [(s, p) for s, p in _list(ckpt_root) if s <= step]
+    for _, path in older[:-keep] if keep > 0 else []:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def save_state(run_dir: str, step: int, tensors: Dict[str, np.ndarray], meta: dict, keep: int = 2) -> str:
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    final = os.path.join(ckpt_root, f"step_{step}")
+    with atomic_dir(final, prefix=f".step_{step}.") as tmp:
+        save_checkpoint(tensors, os.path.join(tmp, "state.ckpt"))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({"step": int(step), **meta}, f)
+    prune(ckpt_root, step, keep)
     return final
 
 

@@ -284,7 +284,8 @@ class ShardedPolicy(_Policy):
         self.pipeline = pp > 1
         self.network = _rl_network(model, rcfg, self.R, self.on_policy, dp, tp, stage,
                                    lay.micro_batch_num if self.pipeline else self.num_micro)
-        self.logps_fn = ShardedResponseLogProbs(model, self.R, rcfg.temperature, dp=dp, tp=tp, stage=stage)
+        self.logps_fn = _forward(ShardedResponseLogProbs(model, self.R, rcfg.temperature, dp=dp, tp=tp, stage=stage),
+                                 lay)
         params = model.trainable_params()
         groups = [{"params": [p for p in params if len(p.shape) >= 2], "weight_decay": rcfg.weight_decay},
                   {"params": [p for p in params if len(p.shape) < 2], "weight_decay": 0.0}]
@@ -306,6 +307,7 @@ class ShardedPolicy(_Policy):
                                                     scale_sense=scale)
         self.train_cell.set_train(True)
         self.strategy_path, self.compiled = "", False
+        self.stage_group = _pipeline_stats_group(lay) if self.pipeline else None
 
     def prepare(self, input_ids, resp_start, loss_mask, advantages) -> StepBatch:
         import mindspore as ms
@@ -352,8 +354,11 @@ class ShardedPolicy(_Policy):
             self.network.rl_stats.set_data(ms.Tensor(np.zeros(3, np.float32)))
             out = self.train_step(*inputs)
             loss, norm = out[0], out[-1]
-            stats += np.concatenate([[_scalar(loss)], _array(self.network.rl_stats)])
+            step_stats = np.concatenate([[_scalar(loss)], _array(self.network.rl_stats)])
             grad_norm = _scalar(norm) if norm is not None else 0.0
+            if self.stage_group is not None:
+                step_stats, grad_norm = _from_last_stage(step_stats, grad_norm, *self.stage_group)
+            stats += step_stats
         return stats / self.rcfg.ppo_epochs, grad_norm
 
     def save(self, run_dir: str, step: int, meta: dict, rank: int, init_checkpoint: Optional[str]) -> None:
@@ -365,6 +370,45 @@ class ShardedPolicy(_Policy):
         from recast_ms.trainer import sharded_checkpoint as sc
 
         return sc.load_rank_state(path, self.train_cell)
+
+
+def _pipeline_stats_group(lay):
+    """Under a pipeline the loss and ``rl_stats`` are computed on the last stage only, while every host logs and
+    guards the step: (group name, is_last_stage) of this rank's column across the stages (MindSpore numbers stage
+    ``s``'s ranks ``s * per_stage ... (s + 1) * per_stage - 1``), the group created once."""
+    from mindspore.communication import create_group, get_group_size, get_rank
+
+    world, rank, pp = get_group_size(), get_rank(), lay.pipeline_stage
+    per_stage = world // pp
+    column = [rank % per_stage + k * per_stage for k in range(pp)]
+    name = "recast_stage_column_" + "_".join(map(str, column))
+    create_group(name, column)
+    return name, rank // per_stage == pp - 1
+
+
+def _from_last_stage(stats: np.ndarray, grad_norm: float, group: str, last: bool) -> Tuple[np.ndarray, float]:
+    """The last stage's step statistics on every stage: a sum over the stage column, where the other stages
+    contribute zeros (what they hold is not the loss); the grad norm as the column's largest."""
+    import mindspore as ms
+    from mindspore.ops.communication import all_reduce
+
+    mine = np.asarray(stats, np.float32) if last else np.zeros(len(stats), np.float32)
+    out = all_reduce(ms.Tensor(mine), op="sum", group=group)
+    summed = out[0] if isinstance(out, tuple) else out
+    out = all_reduce(ms.Tensor(np.array([grad_norm], np.float32)), op="max", group=group)
+    norm = out[0] if isinstance(out, tuple) else out
+    # DryRun's mocked collectives return placeholders: keep the statistics' shape
+    return np.broadcast_to(_array(summed), np.shape(stats)).astype(np.float64), _scalar(norm)
+
+
+def _forward(cell, lay):
+    """A forward graph's cell as the layout runs it: under pipeline parallelism wrapped in
+    :class:`recast_ms.models.sharded.PipelineForward` (``micro_batch_num`` micro-batches), as is otherwise."""
+    if lay.pipeline_stage <= 1:
+        return cell
+    from recast_ms.models.sharded import PipelineForward
+
+    return PipelineForward(cell, lay.micro_batch_num)
 
 
 def _scalar(x) -> float:
@@ -400,9 +444,13 @@ class ShardedReference(_Reference):
             # parameter", seen compiling under DryRun with every ref parameter frozen)
             param.name = "ref." + param.name
         _eval_only(self.model)
+        if lay.pipeline_stage > 1:
+            from recast_ms.models.sharded import pure_morphs
+
+            pure_morphs(self.model)
         stage = lay.pipeline_stage - 1 if lay.pipeline_stage > 1 else -1
-        self.logps_fn = ShardedResponseLogProbs(self.model, response_len, rcfg.temperature, dp=lay.data_parallel,
-                                                tp=lay.model_parallel, stage=stage)
+        self.logps_fn = _forward(ShardedResponseLogProbs(self.model, response_len, rcfg.temperature,
+                                                         dp=lay.data_parallel, tp=lay.model_parallel, stage=stage), lay)
 
     def copy_from(self, actor) -> int:
         """Give the reference the actor's weights before any graph compiles (the framework then slices both per
@@ -447,13 +495,17 @@ def build_engines(plan, model, rcfg, *, response_len: int, prompt_len: int, pad_
         from recast_ms.models.sharded import ShardedLogitsAt
 
         lay = plan.layout
+        if lay.pipeline_stage > 1:  # before any graph compiles (the primitives are the model's, shared by all)
+            from recast_ms.models.sharded import pure_morphs
+
+            pure_morphs(model)
         policy = ShardedPolicy(model, rcfg, response_len, rows_per_host, plan)
         reference = ShardedReference(model, rcfg, response_len, plan) if rcfg.kl_coef > 0 else None
         if reference is not None:
             reference.copy_from(model)  # the actor's starting weights (--init / hf_checkpoint), before any compile
         stage = lay.pipeline_stage - 1 if lay.pipeline_stage > 1 else -1
-        rollout = FullForwardDecoder(ShardedLogitsAt(model, dp=lay.data_parallel, tp=lay.model_parallel, stage=stage),
-                                     prompt_len + response_len, pad_id)
+        rollout = FullForwardDecoder(_forward(ShardedLogitsAt(model, dp=lay.data_parallel, tp=lay.model_parallel,
+                                                              stage=stage), lay), prompt_len + response_len, pad_id)
         return Engines(rollout, policy, reference, host_rank=0, host_world=1)
     policy = LocalPolicy(model, rcfg, response_len, rows_per_host, world_size)
     reference = LocalReference(model, rcfg, response_len) if rcfg.kl_coef > 0 else None

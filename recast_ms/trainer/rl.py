@@ -296,8 +296,9 @@ class RLTrainer:
                 if r.negative_mask == "divergent":
                     loss_mask = divergent_mask(rows, loss_mask, sel)
                 diag = prefix_histogram(rows, rmask, sel, self.R - 1)
-        with T("entropy"):
-            diag.update(self._entropy(p_ids[sel.prompt_index], p_lens[sel.prompt_index], rows, loss_mask))
+        if self.rcfg.log_entropy:
+            with T("entropy"):
+                diag.update(self._entropy(p_ids[sel.prompt_index], p_lens[sel.prompt_index], rows, loss_mask))
         return ActorBatch(input_ids=input_ids, resp_start=p_lens[sel.prompt_index].astype(np.int32),
                           loss_mask=loss_mask, advantages=sel.advantages.astype(np.float32), selection=sel,
                           rewards=rewards, scores=scores, valid=valid, prompt_index=idx, rollout_ids=ro.response_ids,

@@ -46,28 +46,22 @@ def save_rank_state(run_dir: str, step: int, cell, meta: dict, rank: int, world_
     import mindspore as ms
     from mindspore.communication import get_group_size
 
+    from recast_ms.trainer.checkpoint import atomic_dir, prune  # pylint: disable=import-outside-toplevel
+
     world = world_size or (get_group_size() if _comm_ready() else 1)
     step_dir = os.path.join(run_dir, "checkpoints", f"step_{step}")
-    os.makedirs(step_dir, exist_ok=True)
     final = rank_dir(step_dir, rank)
-    tmp = tempfile.mkdtemp(prefix=f".rank_{rank}.", dir=step_dir)
-    try:
+    with atomic_dir(final, prefix=f".rank_{rank}.") as tmp:
         ms.save_checkpoint(cell, os.path.join(tmp, STATE.format(rank=rank)))
         src = strategy_file(run_dir, rank)
         if os.path.exists(src):
             shutil.copyfile(src, os.path.join(tmp, STRATEGY))
         with open(os.path.join(tmp, META), "w", encoding="utf-8") as f:
             json.dump({"step": int(step), "rank": int(rank), "world_size": int(world), **meta}, f)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if rank == 0:
         with open(os.path.join(step_dir, META), "w", encoding="utf-8") as f:
             json.dump({"step": int(step), "world_size": int(world), "sharded": True, **meta}, f)
-        _prune(os.path.join(run_dir, "checkpoints"), step, keep)
+        prune(os.path.join(run_dir, "checkpoints"), step, keep)
     return final
 
 
@@ -78,14 +72,6 @@ def _comm_ready() -> bool:
         return bool(GlobalComm.INITED)
     except ImportError:
         return False
-
-
-def _prune(ckpt_root: str, step: int, keep: int) -> None:
-    from recast_ms.trainer.checkpoint import _list  # pylint: disable=import-outside-toplevel
-
-    older = [(s, p) for s, p in _list(ckpt_root) if s <= step]
-    for _, path in older[:-keep] if keep > 0 else []:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def load_rank_state(step_dir: str, cell, rank: Optional[int] = None) -> dict:
