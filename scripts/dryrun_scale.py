@@ -36,13 +36,13 @@ ESTIMATORS = ("recast", "grpo")
 DEPTHS = (2, 4)
 
 
-def jobs(only: str, ranks: str, depths=DEPTHS):
+def jobs(only: str, ranks: str, depths=DEPTHS, estimators=ESTIMATORS):
     out = []
     for model, (config, _) in MODELS.items():
         if only and only not in model:
             continue
         for world in WORLDS[model]:
-            for est in ESTIMATORS:
+            for est in estimators:
                 for layers in depths:
                     rank_list = {"first": [0], "last": [world - 1], "both": [0, world - 1]}[ranks]
                     for rank in rank_list:
@@ -59,7 +59,8 @@ def run(args) -> int:
     from recast_ms.dryrun import dryrun
 
     os.makedirs(args.out, exist_ok=True)
-    todo = jobs(args.only, args.ranks, tuple(int(x) for x in args.layers.split(",")))
+    todo = jobs(args.only, args.ranks, tuple(int(x) for x in args.layers.split(",")),
+                tuple(e for e in args.estimators.split(",") if e))
     for i, (model, config, world, est, layers, rank) in enumerate(todo):
         path = os.path.join(args.out, name(model, world, est, layers, rank))
         if os.path.exists(path):
@@ -178,6 +179,7 @@ def main() -> int:
     p.add_argument("--ranks", default="both", choices=("first", "last", "both"))
     p.add_argument("--layers", default=",".join(map(str, DEPTHS)),
                    help="depths to compile, comma-separated (default: 2,4; the summary extrapolates from both)")
+    p.add_argument("--estimators", default=",".join(ESTIMATORS), help="comma-separated (default: recast,grpo)")
     p.add_argument("--timeout", type=float, default=3600.0)
     p.add_argument("--summary", action="store_true", help="only write summary.json from the finished JSONs")
     p.add_argument("--reports", default=None, help="read the per-cell JSONs from here (default: --out)")

@@ -108,6 +108,32 @@ def test_pipeline_forward_equals_the_unwrapped_cells(trainer, micro):
                                rtol=0, atol=2e-5)
 
 
+def test_stage_column_and_the_last_stage_statistics(monkeypatch):
+    """Under a pipeline only the last stage holds the step's loss and statistics: each rank's stage column sums
+    them with the other stages contributing zeros (the grad norm as the column's largest)."""
+    import mindspore.ops.communication as comm
+
+    from recast_ms.trainer import engines
+
+    assert engines.stage_column(0, 8, 2) == ([0, 4], False) and engines.stage_column(7, 8, 2) == ([3, 7], True)
+    assert engines.stage_column(5, 12, 3) == ([1, 5, 9], False) and engines.stage_column(9, 12, 3) == ([1, 5, 9], True)
+    sent = []
+
+    def fake_all_reduce(tensor, op="sum", group=None, async_op=False):
+        sent.append((tensor.asnumpy().copy(), op, group))
+        return tensor * 3 if op == "sum" else tensor, None  # as if the column had three such members
+
+    monkeypatch.setattr(comm, "all_reduce", fake_all_reduce)
+    monkeypatch.delenv("MS_SIMULATION_LEVEL", raising=False)
+    stats = np.array([0.5, 0.25, 0.125, 0.0625])
+    got, norm = engines._from_last_stage(stats, 2.0, "g", last=True)
+    np.testing.assert_allclose(got, 3 * stats)
+    np.testing.assert_allclose(sent[0][0], stats)
+    assert norm == 2.0 and sent[1][1] == "max" and sent[0][2] == sent[1][2] == "g"
+    got, _ = engines._from_last_stage(stats, 2.0, "g", last=False)
+    assert (sent[2][0] == 0).all() and (got == 0).all()  # what a non-last stage holds is not the loss
+
+
 def test_pure_morphs_changes_no_value(trainer):
     """Clearing the side-effect flags of the linear layers' Morphs (needed by the last pipeline stages' forward
     graphs) keeps the embedding's and changes no output. Last in this module: the flags stay cleared."""

@@ -378,12 +378,17 @@ def _pipeline_stats_group(lay):
     ``s``'s ranks ``s * per_stage ... (s + 1) * per_stage - 1``), the group created once."""
     from mindspore.communication import create_group, get_group_size, get_rank
 
-    world, rank, pp = get_group_size(), get_rank(), lay.pipeline_stage
-    per_stage = world // pp
-    column = [rank % per_stage + k * per_stage for k in range(pp)]
+    column, last = stage_column(get_rank(), get_group_size(), lay.pipeline_stage)
     name = "recast_stage_column_" + "_".join(map(str, column))
     create_group(name, column)
-    return name, rank // per_stage == pp - 1
+    return name, last
+
+
+def stage_column(rank: int, world: int, pp: int) -> Tuple[List[int], bool]:
+    """The ranks holding ``rank``'s slot in every pipeline stage (stage ``s`` is ranks ``s * world / pp`` to
+    ``(s + 1) * world / pp - 1``), and whether ``rank`` is on the last stage."""
+    per_stage = world // pp
+    return [rank % per_stage + k * per_stage for k in range(pp)], rank // per_stage == pp - 1
 
 
 def _from_last_stage(stats: np.ndarray, grad_norm: float, group: str, last: bool) -> Tuple[np.ndarray, float]:
