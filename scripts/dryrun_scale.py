@@ -108,6 +108,17 @@ def summary(args) -> dict:
                         "layout": _layout(model, world),
                         "peak_mb_L2": peaks[2], "peak_mb_L4": peaks[4], "per_layer_mb": slope,
                         "full_depth": full_depth, "extrapolated_peak_mb": round(peaks[2] + (full_depth - 2) * slope)}
+    for row in list(rows.values()):  # the last rank at 2 layers beside rank 0's (TP / DP layouts are symmetric)
+        if row["rank"] == 0:
+            last = row["world_size"] - 1
+            path = os.path.join(args.reports or args.out, name(row["model"], row["world_size"], row["estimator"], 2, last))
+            row["last_rank_L2_mb"] = None
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as f:
+                    rep = json.load(f)
+                r = rep["ranks"].get(str(last), {})
+                if rep.get("error") is None and r.get("compiled"):
+                    row["last_rank_L2_mb"] = r["peak_mb"]
     for row in rows.values():  # the memory planner at the run's settings (seq 64, micro-batch 32, P = 16, G = 32)
         row["planned_mb"] = planned_mb(row["model"], row["world_size"], row["estimator"])
         row["planner_error"] = round(row["planned_mb"] / row["extrapolated_peak_mb"] - 1, 3)
@@ -128,11 +139,13 @@ def summary(args) -> dict:
 
 def markdown(out: dict) -> str:
     lines = ["| model | devices | DP x TP (x PP) | estimator | rank | 2 layers | 4 layers | per layer | full depth (extrapolated) "
-             "| planned | planner error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| planned | planner error | last rank, 2 layers |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in out["rows"].values():
+        last = row.get("last_rank_L2_mb")
+        last = f"{last:,}" if last is not None else ("(own row)" if row["rank"] else "-")
         lines.append(f"| {row['model']} | {row['world_size']} | {row['layout']} | {row['estimator']} | {row['rank']} | "
                      f"{row['peak_mb_L2']:,} | {row['peak_mb_L4']:,} | {row['per_layer_mb']:,.0f} | "
-                     f"{row['extrapolated_peak_mb']:,} | {row['planned_mb']:,} | {row['planner_error']:+.1%} |")
+                     f"{row['extrapolated_peak_mb']:,} | {row['planned_mb']:,} | {row['planner_error']:+.1%} | {last} |")
     return "\n".join(lines)
 
 

@@ -15,7 +15,9 @@ from recast_ms import dryrun as dr
 
 MICRO = os.path.join(dr.repo_root(), "model_configs", "qwen3_micro.yaml")
 # the micro model on the synthetic data, small enough to compile each phase in ~30 s
-MICRO_OVERRIDES = [f"model_config={MICRO}", "rl.prompts_per_step=4", "rl.group_size=4", "rl.micro_batch_size=8"]
+# (the entropy diagnostic is off: it reruns the rollout's cells at the actor's row count, one more compile each)
+MICRO_OVERRIDES = [f"model_config={MICRO}", "rl.prompts_per_step=4", "rl.group_size=4", "rl.micro_batch_size=8",
+                   "rl.log_entropy=false"]
 
 
 def test_parse_ranks():
@@ -109,7 +111,7 @@ def test_tensor_parallel_recast_step_compiles_on_the_first_rank(stub, tmp_path):
     for rank in ("0",):
         r = report["ranks"][rank]
         assert r["compiled"] is True, r
-        # rollout: P = 4 prompts encoded once, then P*G = 16 rows per new token; entropy over the 2P = 8 actor rows
+        # rollout: P = 4 prompts encoded once, then P*G = 16 rows per new token
         assert {"rl/rollout_forward_4rows", "rl/rollout_forward_16rows", "rl/reference_forward",
                 "rl/actor_update_recast"} <= set(r["graphs"]), r["graphs"]
         coll = r["phases"]["rl"]["collectives"]

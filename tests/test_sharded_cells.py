@@ -121,7 +121,8 @@ def test_stage_column_and_the_last_stage_statistics(monkeypatch):
 
     def fake_all_reduce(tensor, op="sum", group=None, async_op=False):
         sent.append((tensor.asnumpy().copy(), op, group))
-        return tensor * 3 if op == "sum" else tensor, None  # as if the column had three such members
+        # host-side arithmetic: a kernel here would start MindSpore's runtime before another module's set_device
+        return type(tensor)(tensor.asnumpy() * (3 if op == "sum" else 1)), None  # a column of three such members
 
     monkeypatch.setattr(comm, "all_reduce", fake_all_reduce)
     monkeypatch.delenv("MS_SIMULATION_LEVEL", raising=False)
