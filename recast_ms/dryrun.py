@@ -345,6 +345,7 @@ def _rl_phase(cfg, rank: int, world: int, graphs: dict):
         trainer.policy.train_step = _Probe(update, trainer.policy.train_step, graphs)
     else:
         trainer.policy.opt.train_step = _Probe(update, trainer.policy.opt.train_step, graphs)
+    sliced = _check_sliced_start(trainer, rank) if trainer.sliced_start is not None else None
     trainer.step()
     if trainer.policy.kind != "sharded":
         return {}
@@ -358,7 +359,48 @@ def _rl_phase(cfg, rank: int, world: int, graphs: dict):
         dev, tmap, piece = list(lay[0]), list(lay[1]), [int(n) for n in lay[2]]
         full = [n * (dev[len(dev) - 1 - m] if m >= 0 else 1) for n, m in zip(piece, tmap)]
         shapes[name] = {"full": full, "slice": piece, "dev_matrix": dev, "tensor_map": tmap}
-    return {"checkpoint": {"strategy": sc.strategy_file(trainer.run_dir, rank), "slice_shapes": shapes}}
+    out = {"checkpoint": {"strategy": sc.strategy_file(trainer.run_dir, rank), "slice_shapes": shapes}}
+    if sliced is not None:
+        out["sliced_start"] = sliced
+    return out
+
+
+def _check_sliced_start(trainer, rank: int) -> dict:
+    """A run from ``hf_checkpoint`` under semi-auto parallel (``engines.load_sliced_start``), checked before its
+    step runs: every parameter the actor update and reference graphs hold equals this rank's slice of the
+    converted checkpoint tensor, cut here by the project's own rule (``sharded_checkpoint.slice_for_rank``, not
+    MindSpore's slicer the load used), split once more along its first axis where optimizer parallel shards it
+    (``opt_sharded`` counts those)."""
+    from recast_ms.trainer import sharded_checkpoint as sc
+    from recast_ms.trainer.setup import hf_start_sources
+
+    import numpy as np
+
+    sources = hf_start_sources(trainer.cfg, trainer.model, trainer.cfg.seed)
+    report = {"loaded": dict(trainer.sliced_start), "checked": 0, "equal": 0, "opt_sharded": 0, "max_abs_diff": 0.0}
+    engines = [(trainer.policy.train_cell, trainer.model, "")]
+    if trainer.reference is not None:
+        engines.append((trainer.reference.logps_fn, trainer.reference.model, "ref."))
+    for cell, model, strip in engines:
+        layouts = cell.parameter_layout_dict
+        for param in model.get_parameters():
+            lay = layouts.get(param.name)
+            if lay is None:
+                continue
+            full = sources[param.name[len(strip):]][0]()
+            want = sc.slice_for_rank(full, list(lay[0]), list(lay[1]), rank)
+            if lay[5]:  # optimizer parallel: the slice is split once more, over the ranks of its group
+                from mindspore.communication import get_group_size, get_rank
+
+                report["opt_sharded"] += 1
+                want = np.split(want, get_group_size(lay[5]), axis=0)[get_rank(lay[5])]
+            got = param.asnumpy()
+            report["checked"] += 1
+            if got.shape == want.shape:
+                diff = float(np.max(np.abs(got - want))) if want.size else 0.0
+                report["max_abs_diff"] = max(report["max_abs_diff"], diff)
+                report["equal"] += int(diff == 0.0)
+    return report
 
 
 def worker(workdir: str) -> int:

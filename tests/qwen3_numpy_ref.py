@@ -108,3 +108,20 @@ def write_hf_checkpoint(directory, config: Mapping, weights: Mapping[str, np.nda
         weight_map.update({name: file_name for name in part})
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return directory
+
+
+def write_hf_model_dir(directory, seed: int = 0, **config_overrides) -> Path:
+    """A tiny Hugging Face Qwen3 directory a run can start from (``hf_checkpoint=``): random weights, a word-level
+    ``tokenizer.json`` of 5 tokens (the SID codes are added to it at run time) and ``tokenizer_config.json``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers  # pylint: disable=import-outside-toplevel
+
+    vocab = {"[UNK]": 0, "history:": 1, "next:": 2, "<|endoftext|>": 3, "<|im_end|>": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    directory = Path(directory)
+    config = tiny_hf_config(**{"vocab_size": 8, "tie": True, "eos_token_id": 4, **config_overrides})  # 8 rows: padded
+    write_hf_checkpoint(directory, config, random_hf_weights(config, seed=seed))
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>",
+                                                                 "pad_token": "<|endoftext|>"}))
+    return directory

@@ -140,13 +140,19 @@ def test_grpo_tensor_parallel_step_accumulates_micro_batches_on_the_last_rank(st
 MICRO_PP = MICRO_TP + ["runtime.pipeline_stage=2", "runtime.micro_batch_num=2"]  # DP 1 x TP 2 x PP 2 on 4 ranks
 
 
-@pytest.mark.parametrize("rank, estimator, sends", [(0, "recast", "Send"), (3, "grpo", "Receive")])
-def test_pipeline_step_compiles_on_each_stage(stub, tmp_path, rank, estimator, sends):
+@pytest.mark.parametrize("rank, estimator, sends, from_hf", [(0, "recast", "Send", True), (3, "grpo", "Receive", False)])
+def test_pipeline_step_compiles_on_each_stage(stub, tmp_path, rank, estimator, sends, from_hf):
     # rank 0 holds stage 0, rank 3 the last stage: every graph of the step compiles on both (the forwards through
     # MindSpore's pipeline-inference pattern, the update through MindFormers' PipelineCellWithMultiOutputs), and the
-    # stages talk (stage 0 sends activations, the last stage receives them)
-    report = dr.dryrun(None, MICRO_PP + [f"rl.estimator={estimator}"], world_size=4, ranks=[rank], phases=["rl"],
-                       stub=stub, scratch=str(tmp_path), timeout=900)
+    # stages talk (stage 0 sends activations, the last stage receives them).
+    # Rank 0 starts from a Hugging Face checkpoint: no host holds the whole model (engines.load_sliced_start)
+    overrides = MICRO_PP + [f"rl.estimator={estimator}"]
+    if from_hf:
+        from qwen3_numpy_ref import write_hf_model_dir
+
+        overrides += [f"hf_checkpoint={write_hf_model_dir(tmp_path / 'hf')}"]
+    report = dr.dryrun(None, overrides, world_size=4, ranks=[rank], phases=["rl"], stub=stub,
+                       scratch=str(tmp_path / "scratch"), timeout=900)
     assert report["error"] is None, report["error"]
     r = report["ranks"][str(rank)]
     assert r["compiled"] is True, r
@@ -154,3 +160,10 @@ def test_pipeline_step_compiles_on_each_stage(stub, tmp_path, rank, estimator, s
             f"rl/actor_update_{estimator}"} <= set(r["graphs"]), r["graphs"]
     coll = r["phases"]["rl"]["collectives"]
     assert coll.get(sends, 0) > 0 and coll.get("AllReduce", 0) > 0, coll
+    if from_hf:
+        # stage 0's parameters only (the embedding and layer 0's eight weights of the two-layer model), in the actor
+        # and in the reference, each equal to this rank's slice of the converted checkpoint tensor as the project
+        # cuts it (sharded_checkpoint.slice_for_rank), checked before the step ran
+        sliced = r["phases"]["rl"]["sliced_start"]
+        assert sliced["loaded"] == {"actor": 9, "reference": 9}, sliced
+        assert sliced["checked"] == sliced["equal"] == 18 and sliced["max_abs_diff"] == 0.0, sliced

@@ -7,22 +7,12 @@ import pytest
 
 pytest.importorskip("mindspore")
 
-from qwen3_numpy_ref import random_hf_weights, tiny_hf_config, write_hf_checkpoint  # noqa: E402
+from qwen3_numpy_ref import write_hf_model_dir  # noqa: E402
 from recast_ms.config import load_config  # noqa: E402
 
 
 def _hf_dir(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"[UNK]": 0, "history:": 1, "next:": 2, "<|endoftext|>": 3, "<|im_end|>": 4}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    d = tmp_path / "hf"
-    config = tiny_hf_config(vocab_size=8, tie=True, eos_token_id=4)  # 8 rows: padded past the 5 tokens
-    write_hf_checkpoint(d, config, random_hf_weights(config, seed=0))
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
-    return d
+    return write_hf_model_dir(tmp_path / "hf")
 
 
 def test_sft_from_hf_checkpoint(tmp_path):

@@ -78,6 +78,23 @@ def test_merge_gives_back_the_full_tensors(full, tmp_path):
         np.testing.assert_array_equal(merged[name], value, err_msg=name)
 
 
+def test_a_sharded_step_reads_like_a_full_checkpoint(full, tmp_path):
+    # recast-eval / --init on a semi-auto run's step: merged on the host, model weights only, the project's names
+    import json
+
+    from recast_ms.trainer import checkpoint as ckpt
+
+    step = str(tmp_path / "checkpoints" / "step_3")
+    moment = "optimizer.adam_m." + QKV
+    sc.write_rank_slices({**full, moment: full[QKV] * 0.5}, DP2_TP2, range(4), step)
+    with open(os.path.join(step, sc.META), "w", encoding="utf-8") as f:
+        json.dump({"step": 3, "world_size": 4, "sharded": True, "phase": "rl"}, f)
+    tensors, meta = ckpt.load_state(step)
+    assert meta["step"] == 3 and set(tensors) == {"model/" + k for k in full}  # the AdamW moment is left out
+    for name, value in full.items():
+        np.testing.assert_array_equal(tensors["model/" + name], value, err_msg=name)
+
+
 def test_transform_onto_another_layout(full, tmp_path):
     step = str(tmp_path / "step_1")
     sc.write_rank_slices(full, DP2_TP2, range(4), step)
@@ -140,3 +157,51 @@ def test_a_failed_rank_save_leaves_the_previous_slices(tmp_path, monkeypatch):
     step_dir = os.path.dirname(final)
     assert sorted(os.listdir(step_dir)) == ["meta.json", "rank_0"]
     assert open(os.path.join(final, "state_0.ckpt"), "rb").read() == before
+
+
+def _compiled_layout(dev, tmap, full_shape):
+    """A ``parameter_layout_dict`` entry as MindSpore's compile gives it: (dev_matrix, tensor_map, slice_shape,
+    field, uniform_split, opt_shard_group, full_shape)."""
+    piece = [n // (dev[len(dev) - 1 - m] if m >= 0 else 1) for n, m in zip(full_shape, tmap)]
+    return (list(dev), list(tmap), piece, 0, True, "", list(full_shape))
+
+
+def test_load_slices_gives_each_rank_its_slice_one_tensor_at_a_time(full):
+    # a sharded run from hf_checkpoint (engines.load_sliced_start): after compile every parameter holds its slice
+    # shape; load_slices reads each full tensor once and sets MindSpore's slice of it, which must equal the
+    # project's own slicing of the same layout (which test_merge checks against transform_checkpoints)
+    lay = sc.layouts(DP2_TP2)
+    layouts = {name: _compiled_layout(lay[name][0], lay[name][1], full[name].shape) for name in full}
+    for rank in range(4):
+        reads = []
+        sources = {name: ((lambda name=name: reads.append(name) or full[name]), f"hf:{name}") for name in full}
+        params = {"ref." + name: ms.Parameter(ms.Tensor(np.zeros(layouts[name][2], np.float32)), name="ref." + name)
+                  for name in full}
+        assert sc.load_slices(params, {"ref." + k: v for k, v in layouts.items()}, sources, rank, strip="ref.") == \
+            len(full)
+        assert sorted(reads) == sorted(full)  # each tensor read once
+        for name in full:
+            want = sc.slice_for_rank(full[name], lay[name][0], lay[name][1], rank)
+            np.testing.assert_array_equal(params["ref." + name].asnumpy(), want)
+        assert params["ref." + QKV].shape == (64, 64)  # half the q/k/v rows: TP 2
+
+
+def test_load_slices_checks_names_and_shapes_before_setting(full):
+    from recast_ms.models.weights import CheckpointError
+
+    lay = sc.layouts(DP2_TP2)
+    layouts = {name: _compiled_layout(lay[name][0], lay[name][1], full[name].shape) for name in full}
+    sources = {name: ((lambda name=name: full[name]), f"hf:{name}") for name in full if name != PROJ}
+    params = {name: ms.Parameter(ms.Tensor(np.zeros(layouts[name][2], np.float32)), name=name) for name in full}
+    with pytest.raises(CheckpointError, match="no tensor for model parameter.*linear_proj"):
+        sc.load_slices(params, layouts, sources, 0)
+    assert not params[QKV].asnumpy().any()  # nothing was set
+    sources[PROJ] = (lambda: full[PROJ][:, :32], "hf:proj")  # a tensor of the wrong width
+    with pytest.raises(CheckpointError, match="hf:proj: tensor for .*linear_proj.* has shape \\[64, 32\\], "
+                                              "the model needs \\[64, 64\\]"):
+        sc.load_slices(params, layouts, sources, 1)
+    sources[PROJ] = (lambda: full[PROJ], "hf:proj")
+    params[PROJ] = ms.Parameter(ms.Tensor(np.zeros((64, 64), np.float32)), name=PROJ)  # not sliced as compiled
+    with pytest.raises(CheckpointError, match="rank 1's slice of .*linear_proj.* has shape \\[64, 32\\], "
+                                              "the compiled graph holds \\[64, 64\\]"):
+        sc.load_slices(params, layouts, sources, 1)

@@ -56,6 +56,11 @@ def tied_model(tied):
     return load_hf_qwen3(tied[0], seq_length=SEQ, pad_token_id=PAD, eos_token_id=EOS)
 
 
+@pytest.fixture(scope="module")
+def untied_extended(untied):
+    return load_hf_qwen3(untied[0], seq_length=SEQ, vocab_size=VOCAB + EXTRA, pad_token_id=PAD, eos_token_id=EOS)
+
+
 def _logits(model, ids):
     model.set_train(False)
     return model(Tensor(ids)).asnumpy().reshape(len(ids), SEQ, -1)
@@ -75,11 +80,11 @@ def test_tied_logits_match_numpy_reference(tied, tied_model, ids):
     np.testing.assert_allclose(_logits(tied_model, ids), expected, rtol=0, atol=1e-5)
 
 
-def test_untied_extended_logits_match_numpy_reference(untied, ids):
+def test_untied_extended_logits_match_numpy_reference(untied, untied_extended, ids):
     """Untied checkpoint loaded with EXTRA SID rows: the old tokens' logits are those of the unextended
     checkpoint (numpy reference), the embedding and lm_head both grow, their old rows untouched."""
-    directory, config, weights = untied
-    model = load_hf_qwen3(directory, seq_length=SEQ, vocab_size=VOCAB + EXTRA, pad_token_id=PAD, eos_token_id=EOS)
+    _, config, weights = untied
+    model = untied_extended
     params = _params(model)
     for mf_name, hf_name in (("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
                              ("output_layer.weight", "lm_head.weight")):
@@ -140,6 +145,24 @@ def test_bf16_and_fp16_tensors_are_widened_exactly(tmp_path):
     assert tensors.dtype("w_bf16") == "BF16" and tensors.shape("w_bf16") == (2, 3)
     np.testing.assert_array_equal(tensors.get("w_bf16"), values)
     np.testing.assert_array_equal(tensors.get("w_f16"), values.astype(np.float16).astype(np.float32))
+
+
+def test_on_demand_sources_equal_the_loaded_model_in_any_order(untied, untied_extended):
+    """hf_model_sources (what a sharded run reads, one tensor at a time, after its graphs compiled) gives the
+    tensors load_hf_qwen3 sets, the new vocabulary rows included, whichever head is made first."""
+    from recast_ms.models.weights import hf_model_sources
+
+    directory = untied[0]
+    loaded = _params(untied_extended)  # init_seed 0
+    bare = load_hf_qwen3(directory, seq_length=SEQ, vocab_size=VOCAB + EXTRA, pad_token_id=PAD, eos_token_id=EOS,
+                         load_weights=False)
+    sources = hf_model_sources(bare, directory, seed=0)  # new rows: those past the checkpoint's vocabulary
+    assert set(sources) == set(loaded)
+    for name in sorted(sources, reverse=True):  # output_layer before embedding: the generator is replayed
+        make, origin = sources[name]
+        np.testing.assert_array_equal(make(), loaded[name], err_msg=name)
+        assert "safetensors" in origin
+    assert not np.array_equal(loaded["output_layer.weight"][VOCAB:], loaded["embedding.word_embeddings.weight"][VOCAB:])
 
 
 # ------------------------------------------------------------------------------ vocabulary extension

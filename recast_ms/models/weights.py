@@ -37,7 +37,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from mindspore import Parameter, Tensor
@@ -357,46 +357,55 @@ def _model_prefix(model) -> str:
     raise ValueError("the model has no 'embedding.word_embeddings.weight': not a MindFormers GPT model")
 
 
-def hf_to_mindformers(tensors: HFTensors, config: Mapping, transformer_config, *, prefix: str = "",
-                      vocab_size: Optional[int] = None, new_token_ids: Optional[Iterable[int]] = None,
-                      seed: int = 0, noise_scale: float = DEFAULT_NOISE_SCALE) -> Dict[str, Tuple[np.ndarray, str]]:
-    """``{mindformers_name: (fp32 array, source description)}`` for the model described by ``transformer_config``
-    (MindFormers' ``TransformerConfig``: layouts, kv heads), embedding (and untied output) grown to
-    ``vocab_size`` with :func:`extend_rows`."""
+def hf_sources(tensors: HFTensors, config: Mapping, transformer_config, *, prefix: str = "",
+               vocab_size: Optional[int] = None, new_token_ids: Optional[Iterable[int]] = None,
+               seed: int = 0, noise_scale: float = DEFAULT_NOISE_SCALE) -> Dict[str, Tuple[Callable[[], np.ndarray], str]]:
+    """``{mindformers_name: (make, source description)}``: ``make()`` reads (memory-mapped) and converts that one
+    tensor only, so a rank of a sharded run can cut its slice of each weight in turn without ever holding the
+    whole model (:func:`recast_ms.trainer.sharded_checkpoint.load_slices`). :func:`load_hf_weights` makes them
+    all at once."""
     _, _, _, layers, _, kv_heads, _ = _dims(config)
     qkv_contiguous = bool(getattr(transformer_config, "use_contiguous_weight_layout_attention", False))
     mlp_interleaved = bool(getattr(transformer_config, "use_interleaved_weight_layout_mlp", False))
     out = {}
 
-    def put(mf_name, array, *hf_names):
-        out[prefix + mf_name] = (array, ", ".join(f"{n!r} ({tensors.file_of(n)})" for n in hf_names))
+    def put(mf_name, make, *hf_names):
+        out[prefix + mf_name] = (make, ", ".join(f"{n!r} ({tensors.file_of(n)})" for n in hf_names))
 
     for layer in range(layers):
         hf, mf = f"model.layers.{layer}.", f"decoder.layers.{layer}."
-        names = [hf + f"self_attn.{p}_proj.weight" for p in "qkv"]
+        qkv = [hf + f"self_attn.{p}_proj.weight" for p in "qkv"]
         put(mf + "self_attention.linear_qkv.weight",
-            fuse_qkv(*(tensors.get(n) for n in names), kv_heads, contiguous=qkv_contiguous), *names)
-        names = [hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"]
-        put(mf + "mlp.linear_fc1.weight", fuse_gate_up(*(tensors.get(n) for n in names), interleaved=mlp_interleaved),
-            *names)
+            lambda names=qkv: fuse_qkv(*(tensors.get(n) for n in names), kv_heads, contiguous=qkv_contiguous), *qkv)
+        fc1 = [hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"]
+        put(mf + "mlp.linear_fc1.weight",
+            lambda names=fc1: fuse_gate_up(*(tensors.get(n) for n in names), interleaved=mlp_interleaved), *fc1)
         for hf_name, mf_name in (("self_attn.o_proj", "self_attention.linear_proj"),
                                  ("self_attn.q_norm", "self_attention.q_layernorm"),
                                  ("self_attn.k_norm", "self_attention.k_layernorm"),
                                  ("mlp.down_proj", "mlp.linear_fc2"), ("input_layernorm", "input_layernorm"),
                                  ("post_attention_layernorm", "pre_mlp_layernorm")):
-            put(f"{mf}{mf_name}.weight", tensors.get(f"{hf}{hf_name}.weight"), f"{hf}{hf_name}.weight")
-    put("decoder.final_layernorm.weight", tensors.get("model.norm.weight"), "model.norm.weight")
+            name = f"{hf}{hf_name}.weight"
+            put(f"{mf}{mf_name}.weight", lambda name=name: tensors.get(name), name)
+    put("decoder.final_layernorm.weight", lambda: tensors.get("model.norm.weight"), "model.norm.weight")
 
-    rng = np.random.default_rng(seed)
     heads = [("embedding.word_embeddings.weight", "model.embed_tokens.weight")]
     if not config.get("tie_word_embeddings", False):
         heads.append(("output_layer.weight", "lm_head.weight"))
-    for mf_name, hf_name in heads:
-        matrix = tensors.get(hf_name)
-        rows = matrix.shape[0] if vocab_size is None else vocab_size
-        if rows != matrix.shape[0] or new_token_ids is not None:
-            matrix = extend_rows(matrix, rows, new_token_ids, rng=rng, noise_scale=noise_scale)
-        put(mf_name, matrix, hf_name)
+
+    def head(index: int) -> np.ndarray:
+        # one generator draws the new rows of every head in turn (embedding, then lm_head): replaying the heads
+        # before ``index`` keeps a head's rows the same whichever order the heads are made in
+        rng = np.random.default_rng(seed)
+        for _, hf_name in heads[: index + 1]:
+            matrix = tensors.get(hf_name)
+            rows = matrix.shape[0] if vocab_size is None else vocab_size
+            if rows != matrix.shape[0] or new_token_ids is not None:
+                matrix = extend_rows(matrix, rows, new_token_ids, rng=rng, noise_scale=noise_scale)
+        return matrix
+
+    for i, (mf_name, hf_name) in enumerate(heads):
+        put(mf_name, lambda i=i: head(i), hf_name)
     return out
 
 
@@ -437,15 +446,12 @@ def model_tensors(model, prefix: str = "") -> Dict[str, np.ndarray]:
     return {prefix + name: param.asnumpy() for name, param in named_parameters(model).items()}
 
 
-def load_hf_weights(model, hf_dir: PathLike, *, new_token_ids: Optional[Iterable[int]] = None, seed: int = 0,
-                    noise_scale: float = DEFAULT_NOISE_SCALE, strict: bool = True,
-                    tensors: Optional[HFTensors] = None) -> None:
-    """Load a Hugging Face Qwen3 checkpoint into an already built MindFormers training-graph Qwen3.
-
-    The model's vocabulary may be larger than the checkpoint's: the extra rows (and ``new_token_ids``, which
-    may also name rows inside the checkpoint's vocabulary) are initialised by :func:`extend_rows` with
-    ``np.random.default_rng(seed)``. Every tensor is checked (names, shapes) before any parameter is set.
-    """
+def hf_model_sources(model, hf_dir: PathLike, *, new_token_ids: Optional[Iterable[int]] = None, seed: int = 0,
+                     noise_scale: float = DEFAULT_NOISE_SCALE, strict: bool = True,
+                     tensors: Optional[HFTensors] = None) -> Dict[str, Tuple[Callable[[], np.ndarray], str]]:
+    """:func:`hf_sources` for an already built MindFormers training-graph Qwen3 (its parameter names, layouts and
+    vocabulary), after checking the checkpoint against the model: names and shapes of the Hugging Face tensors,
+    vocabulary size, tied or untied head. Nothing is read beyond the headers."""
     config = read_hf_config(hf_dir)
     tensors = HFTensors(hf_dir) if tensors is None else tensors
     check_hf_tensors(tensors, config, strict=strict)
@@ -460,16 +466,29 @@ def load_hf_weights(model, hf_dir: PathLike, *, new_token_ids: Optional[Iterable
         raise CheckpointError(f"{Path(hf_dir) / CONFIG_FILE}: tie_word_embeddings="
                               f"{bool(config.get('tie_word_embeddings', False))} but the model is "
                               f"{'tied' if model_tied else 'untied'}")
-    arrays = hf_to_mindformers(tensors, config, transformer_config, prefix=prefix, vocab_size=vocab_size,
-                               new_token_ids=new_token_ids, seed=seed, noise_scale=noise_scale)
-    set_parameters(model, arrays, str(hf_dir))
+    return hf_sources(tensors, config, transformer_config, prefix=prefix, vocab_size=vocab_size,
+                      new_token_ids=new_token_ids, seed=seed, noise_scale=noise_scale)
+
+
+def load_hf_weights(model, hf_dir: PathLike, *, new_token_ids: Optional[Iterable[int]] = None, seed: int = 0,
+                    noise_scale: float = DEFAULT_NOISE_SCALE, strict: bool = True,
+                    tensors: Optional[HFTensors] = None) -> None:
+    """Load a Hugging Face Qwen3 checkpoint into an already built MindFormers training-graph Qwen3.
+
+    The model's vocabulary may be larger than the checkpoint's: the extra rows (and ``new_token_ids``, which
+    may also name rows inside the checkpoint's vocabulary) are initialised by :func:`extend_rows` with
+    ``np.random.default_rng(seed)``. Every tensor is checked (names, shapes) before any parameter is set.
+    """
+    sources = hf_model_sources(model, hf_dir, new_token_ids=new_token_ids, seed=seed, noise_scale=noise_scale,
+                               strict=strict, tensors=tensors)
+    set_parameters(model, {k: (make(), origin) for k, (make, origin) in sources.items()}, str(hf_dir))
 
 
 def load_hf_qwen3(hf_dir: PathLike, *, seq_length: int, vocab_size: Optional[int] = None,
                   pad_token_id: Optional[int] = None, eos_token_id: Optional[Union[int, Sequence[int]]] = None,
                   new_token_ids: Optional[Iterable[int]] = None, init_seed: int = 0,
                   noise_scale: float = DEFAULT_NOISE_SCALE, contiguous_mlp: bool = True, strict: bool = True,
-                  parallel_config: Optional[dict] = None, **model_overrides):
+                  parallel_config: Optional[dict] = None, load_weights: bool = True, **model_overrides):
     """Build MindFormers' training-graph Qwen3 for a Hugging Face Qwen3 checkpoint and load its weights offline.
 
     Args:
@@ -486,6 +505,8 @@ def load_hf_qwen3(hf_dir: PathLike, *, seq_length: int, vocab_size: Optional[int
         contiguous_mlp: [gate; up] ``linear_fc1`` (cheaper on CPU) instead of the interleaved layout.
         strict: unexpected tensors in the checkpoint are an error (else logged).
         parallel_config / model_overrides: passed to :func:`recast_ms.models.qwen3.build_qwen3`.
+        load_weights: False builds the model with the checkpoint's shapes only (a sharded run builds it under
+            ``no_init_parameters`` and each rank loads its slices after the graphs compiled).
 
     Returns:
         ``TrainingQwen3ForCausalLM`` (fp32 on CPU). Checkpoint errors raise :class:`CheckpointError` before
@@ -499,6 +520,8 @@ def load_hf_qwen3(hf_dir: PathLike, *, seq_length: int, vocab_size: Optional[int
     model_yaml = hf_model_yaml(config, contiguous_mlp=contiguous_mlp)
     model = build_qwen3(model_yaml, vocab_size=final_vocab, seq_length=seq_length, pad_token_id=pad_token_id,
                         eos_token_id=eos_token_id, parallel_config=parallel_config, **model_overrides)
+    if not load_weights:
+        return model
     load_hf_weights(model, hf_dir, new_token_ids=new_token_ids, seed=init_seed, noise_scale=noise_scale,
                     strict=strict, tensors=tensors)
     return model

@@ -338,12 +338,17 @@ def resolve_init(path: str) -> Tuple[str, Optional[str]]:
 
 
 def load_state(path: str) -> Tuple[Dict[str, np.ndarray], dict]:
-    """``(tensors, meta)`` of a checkpoint directory; a corrupt file is an error naming it."""
+    """``(tensors, meta)`` of a checkpoint directory; a corrupt file is an error naming it. A sharded step
+    (``recast_ms.trainer.sharded_checkpoint``) gives its merged model weights."""
     try:
         with open(os.path.join(path, "meta.json")) as f:
             meta = json.load(f)
     except (OSError, ValueError) as e:
         raise ValueError(f"checkpoint {path}: meta.json unreadable ({type(e).__name__}: {e})") from None
+    if meta.get("sharded"):  # a semi-auto-parallel run's per-rank slices: merged here (weights only)
+        from recast_ms.trainer.sharded_checkpoint import merged_model_tensors
+
+        return merged_model_tensors(path), meta
     tensors, _ = read_checkpoint(os.path.join(path, "state.ckpt"))
     return tensors, meta
 

@@ -18,8 +18,11 @@ graph is MindSpore's semi-auto parallel over MindFormers' own tensor-parallel la
 ``AdamW`` (optimizer parallel from the context) over ``GradAccumulationCellWithMultiOutputs`` (or
 ``PipelineCellWithMultiOutputs`` under PP); the RL loss is adapted to their contract (one loss output,
 the statistics kept in a Parameter the host reads). Log-probs use :mod:`recast_ms.models.sharded`
-(vocabulary-parallel). The reference is a second model with the same layout, forward only, loaded slice by
-slice (never a full numpy copy). Rollout is :class:`recast_ms.rollout.decoder.FullForwardDecoder` over
+(vocabulary-parallel). The reference is a second model with the same layout, forward only. A run from
+``hf_checkpoint`` never holds the whole model on a host: the actor update and reference graphs compile first,
+then each of their parameters gets this rank's slice, read one checkpoint tensor at a time
+(:func:`load_sliced_start`); an ``--init`` of the project's full checkpoint is read whole, the reference
+copying the actor before the first compile. Rollout is :class:`recast_ms.rollout.decoder.FullForwardDecoder` over
 :class:`recast_ms.models.sharded.ShardedLogitsAt` on the actor's own sharded Parameters: no second copy of the
 weights, no weight sync and no resharding; see ``docs/ascend.md`` for what that costs against a KV cache.
 """
@@ -280,7 +283,7 @@ class ShardedPolicy(_Policy):
         self.on_policy = rcfg.ppo_epochs == 1
         self.lr = float(rcfg.lr)
         dp, tp, pp = lay.data_parallel, lay.model_parallel, lay.pipeline_stage
-        stage = pp - 1 if pp > 1 else -1
+        stage = _last_stage(lay)
         self.pipeline = pp > 1
         self.network = _rl_network(model, rcfg, self.R, self.on_policy, dp, tp, stage,
                                    lay.micro_batch_num if self.pipeline else self.num_micro)
@@ -325,30 +328,60 @@ class ShardedPolicy(_Policy):
 
     def train_step(self, *inputs):
         """One optimizer step of the whole global batch (the graph the dry run compiles)."""
+        return self._first_compile(self.train_cell, inputs)
+
+    def _first_compile(self, fn, inputs):
+        """``fn(*inputs)``; the first time, with the strategy file going to ``strategy_path``."""
         if not self.compiled and self.strategy_path:
             import mindspore as ms
 
             os.makedirs(os.path.dirname(self.strategy_path), exist_ok=True)
             ms.set_auto_parallel_context(strategy_ckpt_config={"save_file": self.strategy_path,
                                                                "only_trainable_params": False})
-            out = self.train_cell(*inputs)
+            out = fn(*inputs)
             ms.set_auto_parallel_context(strategy_ckpt_config={
                 "save_file": self.strategy_path.replace(".ckpt", ".later_graphs.ckpt"), "only_trainable_params": False})
             self.compiled = True
             return out
         self.compiled = True
-        return self.train_cell(*inputs)
+        return fn(*inputs)
 
-    def update(self, batch: StepBatch, old: list, ref: list, lr: float) -> Tuple[np.ndarray, float]:
+    def _inputs(self, batch: StepBatch, old: list, ref: list) -> tuple:
+        """The train cell's inputs, the same for the compile-only pass and every step (one graph, no recompile)."""
         import mindspore as ms
         from mindspore import ops
 
+        cat = (lambda xs: xs[0]) if len(old) == 1 else (lambda xs: ops.concat(xs, 0))
+        return (ms.Tensor(batch.input_ids), ms.Tensor(batch.resp_start), cat(old), cat(ref),
+                ms.Tensor(batch.advantages), ms.Tensor(batch.loss_mask),
+                ms.Tensor(np.full(len(batch.input_ids), batch.num_seqs, np.float32)))
+
+    def blank_batch(self, seq_length: int) -> StepBatch:
+        """A batch of the compiled shape and dtypes (``recast_ms.trainer.rl.ActorBatch``), all zeros."""
+        rows, R = self.rows, self.R
+        return self.prepare(np.zeros((rows, seq_length), np.int32), np.zeros(rows, np.int32),
+                            np.zeros((rows, R), np.float32), np.zeros(rows, np.float32))
+
+    def compile_update(self, batch: StepBatch) -> None:
+        """Compile the actor update graph without running it: MindSpore then holds every actor parameter at this
+        rank's slice shape (``train_cell.parameter_layout_dict``), ready for :meth:`load_slices`."""
+        zeros = self.zeros(batch)
+        self._first_compile(lambda *args: _compile_only(self.train_cell, *args), self._inputs(batch, zeros, zeros))
+
+    def load_slices(self, sources, rank: int) -> int:
+        """This rank's slices of the actor's weights from ``sources`` (one full tensor read at a time), after
+        :meth:`compile_update`; the AdamW moments start at zero as with any fresh start."""
+        from recast_ms.trainer import sharded_checkpoint as sc
+
+        return sc.load_slices(_compiled_params(self.model, self.train_cell), self.train_cell.parameter_layout_dict,
+                              sources, rank)
+
+    def update(self, batch: StepBatch, old: list, ref: list, lr: float) -> Tuple[np.ndarray, float]:
+        import mindspore as ms
+
         if abs(lr - self.lr) > 1e-12 * max(1.0, abs(lr)):
             raise ValueError(f"the sharded policy's AdamW was built with lr={self.lr}; a step asked for {lr}")
-        cat = (lambda xs: xs[0]) if len(old) == 1 else (lambda xs: ops.concat(xs, 0))
-        inputs = (ms.Tensor(batch.input_ids), ms.Tensor(batch.resp_start), cat(old), cat(ref),
-                  ms.Tensor(batch.advantages), ms.Tensor(batch.loss_mask),
-                  ms.Tensor(np.full(len(batch.input_ids), batch.num_seqs, np.float32)))
+        inputs = self._inputs(batch, old, ref)
         stats, grad_norm = np.zeros(4), 0.0
         for _ in range(self.rcfg.ppo_epochs):
             self.network.rl_stats.set_data(ms.Tensor(np.zeros(3, np.float32)))
@@ -398,13 +431,30 @@ def _from_last_stage(stats: np.ndarray, grad_norm: float, group: str, last: bool
     from mindspore.ops.communication import all_reduce
 
     mine = np.asarray(stats, np.float32) if last else np.zeros(len(stats), np.float32)
-    out = all_reduce(ms.Tensor(mine), op="sum", group=group)
-    summed = out[0] if isinstance(out, tuple) else out
-    out = all_reduce(ms.Tensor(np.array([grad_norm], np.float32)), op="max", group=group)
-    norm = out[0] if isinstance(out, tuple) else out
+    summed = _reduced(all_reduce(ms.Tensor(mine), op="sum", group=group))
+    norm = _reduced(all_reduce(ms.Tensor(np.array([grad_norm], np.float32)), op="max", group=group))
     if os.environ.get("MS_SIMULATION_LEVEL"):  # DryRun: the mocked collective ran, its output is uninitialised
         return np.asarray(stats, np.float64), float(grad_norm)
     return _array(summed).astype(np.float64), _scalar(norm)
+
+
+def _last_stage(lay) -> int:
+    """The stage the loss and log-prob ops go to: the last under a pipeline, -1 (none) without one."""
+    return lay.pipeline_stage - 1 if lay.pipeline_stage > 1 else -1
+
+
+def _pipeline_ready(model, lay) -> None:
+    """Under a pipeline, before any graph of ``model`` compiles: its linear layers' Morph primitives lose their
+    side-effect flags (:func:`recast_ms.models.sharded.pure_morphs`; the primitives are shared by every graph)."""
+    if lay.pipeline_stage > 1:
+        from recast_ms.models.sharded import pure_morphs
+
+        pure_morphs(model)
+
+
+def _reduced(out):
+    """A collective's result: MindSpore's functional all_reduce returns (tensor, handle)."""
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _forward(cell, lay):
@@ -450,19 +500,28 @@ class ShardedReference(_Reference):
             # parameter", seen compiling under DryRun with every ref parameter frozen)
             param.name = "ref." + param.name
         _eval_only(self.model)
-        if lay.pipeline_stage > 1:
-            from recast_ms.models.sharded import pure_morphs
-
-            pure_morphs(self.model)
-        stage = lay.pipeline_stage - 1 if lay.pipeline_stage > 1 else -1
+        _pipeline_ready(self.model, lay)
         self.logps_fn = _forward(ShardedResponseLogProbs(self.model, response_len, rcfg.temperature,
-                                                         dp=lay.data_parallel, tp=lay.model_parallel, stage=stage), lay)
+                                                         dp=lay.data_parallel, tp=lay.model_parallel,
+                                                         stage=_last_stage(lay)), lay)
+
+    def compile_forward(self, batch: StepBatch) -> None:
+        """Compile the reference forward graph (one micro-batch's shape) without running it."""
+        _compile_only(self.logps_fn, *batch.micro[0])
+
+    def load_slices(self, sources, rank: int) -> int:
+        """This rank's slices of the starting weights (the reference's own compiled layout), after
+        :meth:`compile_forward`: the reference never holds a full copy."""
+        from recast_ms.trainer import sharded_checkpoint as sc
+
+        return sc.load_slices(_compiled_params(self.model, self.logps_fn), self.logps_fn.parameter_layout_dict,
+                              sources, rank, strip="ref.")
 
     def copy_from(self, actor) -> int:
         """Give the reference the actor's weights before any graph compiles (the framework then slices both per
         rank); returns how many tensors were copied. Parameters that hold no data yet (built under
         ``no_init_parameters``, as in the dry run) are left alone. This holds a second full copy on the host
-        until the first compile: the per-rank loading of slices only is not wired into the run yet (docs/ascend.md)."""
+        until the first compile; a run from ``hf_checkpoint`` loads slices instead (:func:`load_sliced_start`)."""
         import mindspore as ms
 
         source = {p.name: p for p in actor.get_parameters()}
@@ -477,6 +536,44 @@ class ShardedReference(_Reference):
             copied += 1
         return copied
 
+
+
+def _compile_only(cell, *args) -> None:
+    """Compile ``cell`` for ``args`` without running it, with the checks its first call makes (``Cell.__call__``:
+    duplicate parameter names are renamed there, e.g. the two ``learning_rate`` of MindFormers' one-step cell),
+    so the later call finds the same graph compiled."""
+    cell._check_construct_args(*args)  # pylint: disable=protected-access
+    cell._self_check()  # pylint: disable=protected-access
+    cell.compile(*args)
+
+
+def _compiled_params(model, cell) -> dict:
+    """``{name: Parameter}`` of ``model`` that ``cell``'s compiled graph holds on this rank (under a pipeline only
+    this stage's layers; the others keep no data)."""
+    held = cell.parameter_layout_dict
+    if not held:
+        raise RuntimeError(f"{type(cell).__name__} has no parameter layout: it was not compiled under semi-auto "
+                           "parallel before its slices were loaded")
+    in_graph = set(getattr(cell, "parallel_parameter_name_list", None) or held)  # a stage's own, under a pipeline
+    return {p.name: p for p in model.get_parameters() if p.name in held and p.name in in_graph}
+
+
+def load_sliced_start(engines, make_sources, rank: int, seq_length: int) -> dict:
+    """Start a semi-auto-parallel run from full weights that no host holds whole (``hf_checkpoint``): compile the
+    actor update and the reference forward without running them, then give each of their parameters this rank's
+    slice, read one full tensor at a time (``recast_ms.models.weights.hf_sources``). Every later
+    graph (rollout, log-probs) finds the parameters already sliced. ``make_sources()`` is called once the graphs
+    compiled (the first compile may rename parameters). Returns ``{"actor": n, "reference": n}``."""
+    policy, reference = engines.policy, engines.reference
+    batch = policy.blank_batch(seq_length)
+    policy.compile_update(batch)
+    if reference is not None:
+        reference.compile_forward(batch)
+    sources = make_sources()
+    out = {"actor": policy.load_slices(sources, rank), "reference": 0}
+    if reference is not None:
+        out["reference"] = reference.load_slices(sources, rank)
+    return out
 
 
 # ----------------------------------------------------------------------------- the factory
@@ -501,17 +598,14 @@ def build_engines(plan, model, rcfg, *, response_len: int, prompt_len: int, pad_
         from recast_ms.models.sharded import ShardedLogitsAt
 
         lay = plan.layout
-        if lay.pipeline_stage > 1:  # before any graph compiles (the primitives are the model's, shared by all)
-            from recast_ms.models.sharded import pure_morphs
-
-            pure_morphs(model)
+        _pipeline_ready(model, lay)
         policy = ShardedPolicy(model, rcfg, response_len, rows_per_host, plan)
         reference = ShardedReference(model, rcfg, response_len, plan) if rcfg.kl_coef > 0 else None
         if reference is not None:
-            reference.copy_from(model)  # the actor's starting weights (--init / hf_checkpoint), before any compile
-        stage = lay.pipeline_stage - 1 if lay.pipeline_stage > 1 else -1
+            reference.copy_from(model)  # the actor's starting weights (--init), before any compile; none when sliced
         rollout = FullForwardDecoder(_forward(ShardedLogitsAt(model, dp=lay.data_parallel, tp=lay.model_parallel,
-                                                              stage=stage), lay), prompt_len + response_len, pad_id)
+                                                              stage=_last_stage(lay)), lay),
+                                     prompt_len + response_len, pad_id)
         return Engines(rollout, policy, reference, host_rank=0, host_world=1)
     policy = LocalPolicy(model, rcfg, response_len, rows_per_host, world_size)
     reference = LocalReference(model, rcfg, response_len) if rcfg.kl_coef > 0 else None

@@ -40,7 +40,7 @@ from recast_ms.signals import (Selection, divergent_mask, entropy_rows, gather_r
 from recast_ms.trainer import checkpoint as ckpt
 from recast_ms.trainer import guard
 from recast_ms.trainer.distributed import mean_over_ranks, rank_slice
-from recast_ms.trainer.setup import (build_model, check_rl_inputs, get_tokenizer, init_runtime, load_splits,
+from recast_ms.trainer.setup import (build_model, check_rl_inputs, deferred_parameters, get_tokenizer, init_runtime, load_splits,
                                      quiet_stdout, response_len)
 from recast_ms.utils.tracking import MetricsLogger, StageTimer, current_rss_mb, peak_rss_mb
 
@@ -147,7 +147,11 @@ class RLTrainer:
         check_rl_inputs(cfg, self.splits)
         self.tok = get_tokenizer(self.splits, tokenizer_dir, cfg)
         plan = init_runtime(cfg, world_size)
-        self.model = build_model(cfg, self.tok, seed=cfg.seed)
+        # semi-auto parallel from a Hugging Face checkpoint: no host holds the whole model; each rank's graphs
+        # compile first, then each parameter gets this rank's slice (engines.load_sliced_start)
+        sliced_start = bool(plan.use_parallel and cfg.hf_checkpoint and not init_checkpoint)
+        with deferred_parameters(sliced_start):
+            self.model = build_model(cfg, self.tok, seed=cfg.seed, load_weights=not sliced_start)
         if init_checkpoint:  # weights only: the optimizer starts fresh
             tensors, _ = ckpt.load_state(init_checkpoint)
             ckpt.restore_model(self.model, tensors, path=init_checkpoint)
@@ -185,6 +189,14 @@ class RLTrainer:
                             rows_per_host=self.est.actor_rows(self.P // (1 if plan.use_parallel else world_size), self.G),
                             rank=rank, world_size=world_size)
         self.engines = eng
+        self.sliced_start = None
+        if sliced_start:  # {"actor": n, "reference": n} parameters given their slices
+            from recast_ms.trainer.engines import load_sliced_start
+            from recast_ms.trainer.setup import hf_start_sources
+
+            self.sliced_start = load_sliced_start(eng, lambda: hf_start_sources(cfg, self.model, cfg.seed), rank,
+                                                  cfg.seq_length)
+            logger.info("rank %d: sliced start from %s: %s", rank, cfg.hf_checkpoint, self.sliced_start)
         # graph-mode selection (None for whole-group estimators). Under semi-auto parallel the [P, G] selection is
         # the same host work on every rank: a graph there would be sliced over the devices for nothing, and under
         # pipeline stages a graph with no stage does not compile ("Stage num is 2 is not equal to stage used: 0");

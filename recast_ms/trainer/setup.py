@@ -154,12 +154,13 @@ def model_layout_kwargs(plan) -> dict:
             "use_flash_attention": plan.use_flash_attention}
 
 
-def build_model(cfg: RunConfig, tokenizer, seed: int, dropout: float = 0.0):
+def build_model(cfg: RunConfig, tokenizer, seed: int, dropout: float = 0.0, load_weights: bool = True):
     """The actor: MindFormers Qwen3 from ``cfg.model_config`` (random init), or from the HF checkpoint
     ``cfg.hf_checkpoint`` (its shapes; its vocabulary grown to the tokenizer's, new rows: mean + noise). Either
     way the runtime plan's dtypes, flash attention, parallel and recompute config reach the model
     (:func:`model_layout_kwargs`). ``dropout`` (SFT only) builds its dropout cells with that probability, off
-    until ``policy.set_dropout`` turns them on."""
+    until ``policy.set_dropout`` turns them on. ``load_weights=False``: the checkpoint's shapes only (a sharded
+    run loads each rank's slices after its graphs compiled, :func:`hf_start_sources`)."""
     extra = {"hidden_dropout": float(dropout)} if dropout else {}
     extra.update(model_layout_kwargs(_PLAN))
     from recast_ms.models.qwen3 import build_qwen3
@@ -168,18 +169,46 @@ def build_model(cfg: RunConfig, tokenizer, seed: int, dropout: float = 0.0):
     if vocab < tokenizer.vocab_size:
         raise ValueError(f"vocab_size={cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} tokens")
     if cfg.hf_checkpoint:
-        from tokenizers import Tokenizer
-
         from recast_ms.models.weights import load_hf_qwen3
 
-        base = Tokenizer.from_file(os.path.join(cfg.hf_checkpoint, "tokenizer.json")).get_vocab_size(with_added_tokens=True)
         with quiet_stdout():
             return load_hf_qwen3(cfg.hf_checkpoint, seq_length=cfg.seq_length, vocab_size=vocab,
                                  pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id,
-                                 new_token_ids=range(base, vocab), init_seed=seed, **extra)
+                                 new_token_ids=range(_hf_base_vocab(cfg), vocab), init_seed=seed,
+                                 load_weights=load_weights, **extra)
     with quiet_stdout():
         return build_qwen3(cfg.model_config_path, vocab_size=vocab, seq_length=cfg.seq_length,
                            pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id, seed=seed, **extra)
+
+
+@contextlib.contextmanager
+def deferred_parameters(on: bool = True):
+    """MindSpore's ``no_init_parameters`` when ``on`` and not already inside one (its exit would end the outer
+    one too): the parameters built here hold no values until loaded or compiled."""
+    from mindspore import Parameter
+    from mindspore.nn.utils import no_init_parameters
+
+    if not on or getattr(Parameter, "init_param", True) is False:
+        yield
+        return
+    with no_init_parameters():
+        yield
+
+
+def _hf_base_vocab(cfg: RunConfig) -> int:
+    """Tokens of the checkpoint's own tokenizer: the rows from here on are the SID / pad tokens added to it."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(os.path.join(cfg.hf_checkpoint, "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+
+
+def hf_start_sources(cfg: RunConfig, model, seed: int) -> dict:
+    """``{parameter: (make, origin)}`` of ``cfg.hf_checkpoint`` for ``model`` (built with ``load_weights=False``),
+    each tensor read and converted on demand, the new vocabulary rows drawn as :func:`build_model` draws them."""
+    from recast_ms.models.weights import hf_model_sources
+
+    vocab = int(model.get_gpt_transformer_config().vocab_size)
+    return hf_model_sources(model, cfg.hf_checkpoint, new_token_ids=range(_hf_base_vocab(cfg), vocab), seed=seed)
 
 
 def response_len(splits: Splits) -> int:

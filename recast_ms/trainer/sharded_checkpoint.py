@@ -145,6 +145,22 @@ def merge(src_step_dir: str, out_file: str) -> Dict[str, np.ndarray]:
     return {k: v.asnumpy() for k, v in ms.load_checkpoint(out_file).items()}
 
 
+# the top-level modules of MindFormers' GPTModel: a merged train-cell checkpoint's model weights (the rest are
+# AdamW moments, step counters, the RL statistics buffer)
+MODEL_ROOTS = ("embedding", "decoder", "output_layer")
+
+
+def merged_model_tensors(step_dir: str) -> Dict[str, np.ndarray]:
+    """The full model weights of a sharded step, named as the project's own checkpoints name them (``model/...``),
+    so ``recast-eval`` and ``--init`` read a sharded step like any other (merged on this host, whole)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        full = merge(step_dir, os.path.join(tmp, "merged.ckpt"))
+    out = {"model/" + k: v for k, v in full.items() if k.split(".")[0] in MODEL_ROOTS}
+    if not out:
+        raise RuntimeError(f"{step_dir}: the merged slices hold no model weights ({sorted(full)[:5]} ...)")
+    return out
+
+
 def layouts(strategy: str) -> dict:
     """``{parameter: (dev_matrix, tensor_map, full_shape)}`` of a strategy file (MindSpore's own reading)."""
     import mindspore as ms
@@ -197,3 +213,44 @@ def write_rank_slices(full: Dict[str, np.ndarray], strategy: str, ranks: Iterabl
             items.append({"name": name, "data": ms.Tensor(np.ascontiguousarray(value))})
         ms.save_checkpoint(items, os.path.join(rdir, STATE.format(rank=rank)))
         shutil.copyfile(strategy, os.path.join(rdir, STRATEGY))
+
+
+def load_slices(params, layouts: dict, sources, rank: int, *, strip: str = "") -> int:
+    """Give each parameter of a compiled semi-auto-parallel graph only its slice, read one full tensor at a time.
+
+    ``params``: ``{name: Parameter}`` after the graph compiled (MindSpore then holds each parameter at its slice
+    shape); ``layouts``: that graph's ``parameter_layout_dict``; ``sources``: ``{name: (make, origin)}`` whose
+    ``make()`` reads one full tensor (``recast_ms.models.weights.hf_sources``: a memory-mapped Hugging Face
+    checkpoint); a parameter's source name is its own with the prefix ``strip`` removed (the reference model's
+    ``ref.``). The slice is MindSpore's own (``_load_tensor_by_layout``, what the framework does to a full
+    parameter when a graph compiles, optimizer-parallel split included), so a rank's host never holds more than
+    one full tensor beside its slices. Every name is checked before anything is read, every slice's shape before
+    it is set. Returns how many parameters were set."""
+    import mindspore as ms
+    from mindspore.parallel._tensor import _load_tensor_by_layout
+
+    from recast_ms.models.weights import CheckpointError
+
+    wanted = {name: name[len(strip):] if strip and name.startswith(strip) else name for name in params}
+    missing = [name for name, src in wanted.items() if src not in sources]
+    if missing:
+        raise CheckpointError(f"no tensor for model parameter(s) {', '.join(missing[:8])}"
+                              f"{' ...' if len(missing) > 8 else ''}")
+    for name, param in params.items():
+        make, origin = sources[wanted[name]]
+        array = make()
+        lay = layouts.get(name)
+        want = tuple(lay[6]) if lay is not None and len(lay) > 6 and len(lay[6]) else tuple(param.shape)
+        if tuple(array.shape) != want:
+            raise CheckpointError(f"{origin or wanted[name]}: tensor for {name!r} has shape {list(array.shape)}, "
+                                  f"the model needs {list(want)}")
+        full = ms.Tensor(np.ascontiguousarray(array))
+        piece = _load_tensor_by_layout(full, tuple(lay), rank) if lay is not None else full
+        piece = piece.asnumpy() if hasattr(piece, "asnumpy") else np.asarray(piece)
+        if tuple(piece.shape) != tuple(param.shape):
+            raise CheckpointError(f"{origin or wanted[name]}: rank {rank}'s slice of {name!r} has shape "
+                                  f"{list(piece.shape)}, the compiled graph holds {list(param.shape)}")
+        param.set_data(ms.Tensor(np.ascontiguousarray(piece), param.dtype), param.sliced)
+        if getattr(param, "init_param", True) is False:  # as load_param_into_net does for no_init_parameters
+            param.init_param = True
+    return len(params)
