@@ -53,11 +53,10 @@ def main() -> int:
     out = breakdown(args.csv)
     if args.note:
         out["note"] = args.note
-    text = json.dumps(out, indent=1)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-    print(text)
+            f.write(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(out))
     return 0
 
 

@@ -28,15 +28,23 @@ LAYOUTS = {"tp": ["runtime.model_parallel=2"],
 
 
 def main() -> int:
-    from qwen3_numpy_ref import write_hf_model_dir
-
-    from recast_ms import dryrun as dr
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layout", choices=sorted(LAYOUTS), default="tp")
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "bench", "sliced_start"))
+    p.add_argument("--summary", action="store_true", help="only print the finished JSONs' results, one line")
     args = p.parse_args()
+    if args.summary:
+        import glob
+
+        found = {os.path.basename(f)[:-5]: json.load(open(f, encoding="utf-8"))  # pylint: disable=consider-using-with
+                 for f in sorted(glob.glob(os.path.join(args.out, "*.json")))}
+        print(json.dumps({k: {"error": v["error"], **(v["sliced_start"] or {})} for k, v in found.items()}))
+        return 0
+    from qwen3_numpy_ref import write_hf_model_dir
+
+    from recast_ms import dryrun as dr
+
     with tempfile.TemporaryDirectory() as tmp:
         hf = write_hf_model_dir(os.path.join(tmp, "hf"), **WIDTH.get(args.layout, {}))
         overrides = [f"hf_checkpoint={hf}", "seq_length=32", "rl.prompts_per_step=4", "rl.group_size=4",

@@ -227,6 +227,9 @@ SCRIPT_RUNS = {
     "make_method_figure.py": ["--out", "{tmp}/method.png"],
     # the summary of the committed DryRun reports (compiling them is hours: scripts/dryrun_scale.py's docstring)
     "dryrun_scale.py": ["--summary", "--out", "{tmp}", "--reports", "docs/bench/dryrun_scale"],
+    # the committed DryRun results (a compile is minutes; CI compiles the pipeline case in tests/test_dryrun.py)
+    "dryrun_sliced_start.py": ["--summary"],
+    "dryrun_memory_breakdown.py": ["tests/fixtures/memory_block_tiny.csv", "--out", "{tmp}/breakdown.json"],
 }
 
 
@@ -249,6 +252,15 @@ def _check_script_output(name, out, tmp_path):
         assert res["devices"] == 1 and res["recast"]["total_gb"] > 0
     elif name == "show_plan.py":
         assert res["device_target"] == "CPU" and res["world_size"] == 1
+    elif name == "dryrun_sliced_start.py":
+        # every committed sliced start loaded each slice equal to the project's own slicing; optimizer parallel split some
+        assert res and all(r["error"] is None and r["checked"] == r["equal"] > 0 for r in res.values()), res
+        assert res["tp_op_r0"]["opt_sharded"] > 0 and res["pp_r0"]["loaded"]["actor"] < res["tp_r0"]["loaded"]["actor"]
+    elif name == "dryrun_memory_breakdown.py":
+        # the fixture's peak: the forward MatMul output beside the three weights; the AdamW temporary came later
+        assert res["peak_mb"] == 22.0 and res["alive_mb"] == {"weights/adam_moments": 8.0, "kernel/forward": 6.0,
+                                                              "weights/actor": 4.0, "weights/reference": 4.0}, res
+        assert json.loads((tmp_path / "breakdown.json").read_text()) == res
     elif name == "dryrun_scale.py":
         row = res["rows"]["qwen3_8b_w8_recast_r0"]
         assert row["extrapolated_peak_mb"] == row["peak_mb_L2"] + 34 * (row["peak_mb_L4"] - row["peak_mb_L2"]) // 2

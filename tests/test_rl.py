@@ -20,6 +20,7 @@ def _cfg(**over):
         "rl.group_size": G, "rl.kl_coef": 0.0, "rl.lr": 1e-3, "rl.save_every": 2, "rl.steps": 4,
         "rl.micro_batch_size": 8, "data.max_eval_prompts": 8, "eval.beam_width": 4, "eval.ks": "[1,4]",
         "eval.batch_size": 8,
+        "rl.log_entropy": False,  # an extra forward graph per step; the entropy test turns it on
     }
     base.update(over)
     return load_config(None, [f"{k}={v}" for k, v in base.items()])
@@ -237,7 +238,7 @@ def test_divergent_mask_spares_the_shared_prefix_and_pushes_the_divergent_token(
 
 
 def test_step_logs_entropy_prefix_histogram_and_clipping(tmp_path):
-    tr = _trainer(tmp_path, "m", **{"rl.estimator": "recast", "rl.grad_clip": 1e-6})
+    tr = _trainer(tmp_path, "m", **{"rl.estimator": "recast", "rl.grad_clip": 1e-6, "rl.log_entropy": True})
     m = tr.step()
     assert m["actor/grad_clipped"] == 1.0 and m["actor/grad_norm"] > 1e-6
     V = tr.model.trainable_params()[0].shape[0]
@@ -246,7 +247,7 @@ def test_step_logs_entropy_prefix_histogram_and_clipping(tmp_path):
     assert m["policy/entropy_sid"] < m["policy/entropy_full"]
     counts = [m[f"signals/pair_prefix_len_count/{k}"] for k in range(tr.R)]
     assert sum(counts) == m["signals/active_group_ratio"] * P
-    loose = _trainer(tmp_path, "m2", **{"rl.estimator": "grpo", "rl.grad_clip": 1e6})
+    loose = _trainer(tmp_path, "m2", **{"rl.estimator": "grpo", "rl.grad_clip": 1e6, "rl.log_entropy": True})
     m2 = loose.step()
     assert m2["actor/grad_clipped"] == 0.0 and "policy/entropy_full" in m2
     assert not any(k.startswith("signals/pair_prefix_len_count/") for k in m2)  # no pair in GRPO
