@@ -6,7 +6,8 @@ Two models, kept apart because the two backends keep memory differently:
   Parameters in the YAML's ``params_dtype``, gradients (fp32), AdamW moments (2 x fp32), all sharded by
   TP x PP (the largest pipeline stage); with optimizer parallel the parameters and the moments are further
   sharded by DP (MindSpore's optimizer parallel stores each weight sliced and all-gathers it for the forward;
-  gradients stay whole: ``gradient_accumulation_shard: False``). The frozen reference model in
+  gradients stay whole: ``gradient_accumulation_shard: False``); the semi-auto one-micro-batch step's gradients
+  are its optimizer step's temporaries instead (:data:`OPT_STEP_TEMPORARIES`). The frozen reference model in
   ``compute_dtype``. Activations per micro-batch (``micro / DP`` rows, ``/ micro_batch_num`` per pipeline
   micro-batch with ``PP`` of them in flight on the first stage) with or without full recompute, sequence
   parallel dividing every term by TP, flash attention (no ``S x S`` scores), plus the fp32 logits /
@@ -139,6 +140,16 @@ def _stage_params(s: Shape, tp: int, pp: int) -> float:
     return biggest / tp
 
 
+# The semi-auto one-micro-batch step (MindFormers' train-one-step cell: backward, global-norm clip, AdamW):
+# DryRun's memory tracker puts its peak inside the AdamW step, where the gradients live only as that step's
+# element-wise temporaries (the clip's scaled copy, AdamW's Mul / Sub outputs), split with the weights by the
+# optimizer shard: 2.35 x the fp32 weights per device at Qwen3-14B DP 1 x TP 8, 2.38 x at 8B DP 2 x TP 4 with
+# optimizer parallel (docs/bench/dryrun_scale/memory_*.json), never below one whole fp32 gradient (8B at DP 4
+# grows by the planner's 4 B per parameter of whole gradients, not by 2.36 x 4 / 4). The accumulating step
+# (GRPO's micro-batches) keeps whole fp32 gradients beside its accu_grads (fitted against the same compiles).
+OPT_STEP_TEMPORARIES = 2.36
+
+
 def plan_ascend(s: Shape, *, dp: int, tp: int, pp: int, micro_batch_num: int, optimizer_parallel: bool,
                 recompute: bool, seq_parallel: bool, flash: bool, train_rows: int, rollout_rows: int,
                 seq: int, kl: bool = True, rollout_engine: str = "sharded_full_forward",
@@ -147,7 +158,9 @@ def plan_ascend(s: Shape, *, dp: int, tp: int, pp: int, micro_batch_num: int, op
     pb, cb = DTYPE_BYTES[s.params_dtype], DTYPE_BYTES[s.compute_dtype]
     n_dev = _stage_params(s, tp, pp)
     shard = dp if optimizer_parallel else 1
-    t = {"params": n_dev * pb / shard, "grads": n_dev * 4.0, "optimizer": n_dev * 8.0 / shard,
+    semi_auto = rollout_engine == "sharded_full_forward"
+    grads = n_dev * 4.0 * (max(1.0, OPT_STEP_TEMPORARIES / shard) if semi_auto and not accumulate else 1.0)
+    t = {"params": n_dev * pb / shard, "grads": grads, "optimizer": n_dev * 8.0 / shard,
          "optimizer_no_opt_parallel": n_dev * 8.0, "optimizer_opt_parallel": n_dev * 8.0 / dp,
          # the reference is a second model of the actor's config and layout: its params_dtype, sharded as the
          # actor's weights are (DryRun: the reference forward graph grows by 4 B/param/device at 14B DP 1 and by

@@ -42,7 +42,12 @@ def _plan(**kw):
 def test_ascend_terms_follow_the_layout():
     s, t = _plan()
     n_dev = s.num_params / 4
-    assert t["params"] == pytest.approx(n_dev * 4 / 2) and t["grads"] == pytest.approx(n_dev * 4)
+    # one micro-batch under semi-auto parallel: the gradients as the AdamW step's temporaries, split by the shard
+    assert t["params"] == pytest.approx(n_dev * 4 / 2) and t["grads"] == pytest.approx(n_dev * 4 * 2.36 / 2)
+    _, dp4 = _plan(dp=4)  # never below one whole fp32 gradient
+    assert dp4["grads"] == pytest.approx(n_dev * 4)
+    _, acc = _plan(accumulate=True)  # the accumulating step keeps whole fp32 gradients
+    assert acc["grads"] == pytest.approx(n_dev * 4)
     assert t["optimizer"] == pytest.approx(n_dev * 8 / 2) and t["optimizer_no_opt_parallel"] == pytest.approx(n_dev * 8)
     assert t["reference"] == pytest.approx(n_dev * 4 / 2)  # the actor's params dtype (fp32), sharded as its weights
     _, no_op = _plan(optimizer_parallel=False)
@@ -74,12 +79,15 @@ def test_report_grpo_vs_recast_and_fits():
     assert (g["micro_rows"], r["micro_rows"]) == (128, 32) and r["total_gb"] < g["total_gb"]
     for est in (g, r):
         assert est["fits"] == (est["total_gb"] <= rep["usable_gb"])
-    # with equal micro-batches the update phase is equal: the peak differs by GRPO's accumulation buffers alone
-    # (its [P*G, T] = 512 rows take 16 micro-batches of 32; ReCast's 32 rows one fused step)
+    # with equal micro-batches the update phase is equal: the peak differs by GRPO's accumulation buffers and its
+    # whole fp32 gradients against ReCast's one-step temporaries (its [P*G, T] = 512 rows take 16 micro-batches of
+    # 32; ReCast's 32 rows one fused step)
     same = mp.plan_report("model_configs/qwen3_8b.yaml", 8, 64, group_size=32, prompts=16, micro_batch_size=32)
     g_t, r_t = same["grpo"]["terms_gb"], same["recast"]["terms_gb"]
     assert r_t["grad_accumulation"] == 0 and g_t["grad_accumulation"] == pytest.approx(g_t["grads"], rel=1e-3)
-    assert same["grpo"]["total_gb"] == pytest.approx(same["recast"]["total_gb"] + g_t["grad_accumulation"], abs=2e-3)
+    assert r_t["grads"] == pytest.approx(g_t["grads"] * mp.OPT_STEP_TEMPORARIES / 2, rel=1e-3)  # DP 2 shards them
+    assert same["grpo"]["total_gb"] == pytest.approx(
+        same["recast"]["total_gb"] + g_t["grad_accumulation"] + g_t["grads"] - r_t["grads"], abs=2e-3)
     one = mp.plan_report("model_configs/qwen3_8b.yaml", 8, 64, group_size=32, prompts=16, micro_batch_size=512)
     assert one["grpo"]["terms_gb"]["grad_accumulation"] == 0  # one micro-batch covers the step: no buffers
     # 16 devices: DP doubles, optimizer states halve again
