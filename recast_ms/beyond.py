@@ -115,7 +115,8 @@ def write_verdict(path: str, selected: str, final: Dict[str, Dict[int, float]],
 
 # ----------------------------------------------------------------------------- from the cells' logs (PLAN.md 3 / 5)
 
-KL_BOUND = 0.1  # PLAN.md section 3: an arm whose mean actor/kl over steps 151-160 exceeds this is excluded
+KL_BOUND = 0.1  # PLAN.md section 3: an arm whose mean actor/kl over steps 151-160 exceeds this is excluded ...
+KL_REFERENCE_ARM = "grpo"  # ... or, since PLAN.md's amendment of 2026-12-07, exceeds this arm's own KL if larger
 KL_WINDOW = 10  # the last 10 training steps of 160
 GRPO_ARMS = ("grpo", "grpo+lr2e-4")  # section 3: the confirmatory grpo's lr is decided between these two arms
 
@@ -141,11 +142,21 @@ def kl_tail(rows: List[dict], steps: int, window: int = KL_WINDOW) -> float:
     return float(np.mean(list(per.values())))
 
 
-def arm_table(runs: Dict[str, Dict[int, List[dict]]], steps: int, kl_bound: float = KL_BOUND) -> Dict[str, dict]:
+def kl_bound_of(kl_means: Dict[str, float]) -> float:
+    """The KL bound of PLAN.md section 3 as amended on 2026-12-07: the larger of 0.1 and the ``grpo`` arm's seed-mean
+    KL over the same window. The bound keeps selection from picking an arm that gains by drifting further from the
+    reference policy than the baseline it has to beat; the fixed 0.1 (set on another starting policy) excluded
+    ``grpo`` itself, and with it every variant, so it could not do that here. Without a ``grpo`` arm: 0.1."""
+    ref = kl_means.get(KL_REFERENCE_ARM)
+    return KL_BOUND if ref is None else max(KL_BOUND, float(ref))
+
+
+def arm_table(runs: Dict[str, Dict[int, List[dict]]], steps: int, kl_bound: Optional[float] = None
+              ) -> Dict[str, dict]:
     """From ``arm -> seed -> metrics rows`` of finished cells: ``arm -> {seeds, final: metric -> seed -> value,
     kl: seed -> mean actor/kl over the last KL_WINDOW steps, mean: metric -> seed mean, kl_mean: seed mean of kl,
-    excluded: kl_mean > kl_bound}``. The arm's KL is the mean over its seeds of each seed's window mean (equal
-    windows: the mean over all its steps 151-160)."""
+    kl_bound, excluded: kl_mean > kl_bound}``. The arm's KL is the mean over its seeds of each seed's window mean
+    (equal windows: the mean over all its steps 151-160). ``kl_bound`` None: ``kl_bound_of`` these arms."""
     table = {}
     for arm, by_seed in runs.items():
         seeds = sorted(by_seed)
@@ -154,7 +165,10 @@ def arm_table(runs: Dict[str, Dict[int, List[dict]]], steps: int, kl_bound: floa
         kl_mean = float(np.mean([kl[s] for s in seeds]))
         table[arm] = {"seeds": seeds, "final": {m: {s: finals[s][m] for s in seeds} for m in METRICS},
                       "kl": kl, "mean": {m: seed_mean([finals[s][m] for s in seeds]) for m in METRICS},
-                      "kl_mean": kl_mean, "excluded": bool(kl_mean > kl_bound)}
+                      "kl_mean": kl_mean}
+    bound = kl_bound_of({a: t["kl_mean"] for a, t in table.items()}) if kl_bound is None else float(kl_bound)
+    for t in table.values():
+        t["kl_bound"], t["excluded"] = bound, bool(t["kl_mean"] > bound)
     return table
 
 
@@ -283,8 +297,12 @@ def stage2_record(path: str, table: Optional[Dict[str, dict]]) -> Optional[dict]
 def selection(table: Dict[str, dict], specs: Dict[str, dict]) -> dict:
     """``selection.json``'s content: PLAN.md section 5's selected arm and section 3's grpo lr, with every input."""
     lrs = {a: specs[a]["lr"] for a in GRPO_ARMS if a in specs}
-    return {"decided": time.strftime("%Y-%m-%d"), "rule": "docs/experiments/beyond/PLAN.md sections 3 and 5",
-            "kl_bound": KL_BOUND, "kl_window": KL_WINDOW, **select_arm(table, specs),
+    bounds = {t["kl_bound"] for t in table.values()}
+    return {"decided": time.strftime("%Y-%m-%d"),
+            "rule": "docs/experiments/beyond/PLAN.md sections 3 and 5, KL bound as amended on 2026-12-07",
+            "kl_bound": bounds.pop() if len(bounds) == 1 else sorted(bounds),
+            "kl_bound_rule": f"max({KL_BOUND}, seed-mean KL of {KL_REFERENCE_ARM})", "kl_window": KL_WINDOW,
+            **select_arm(table, specs),
             "grpo_lr": grpo_lr_rule(table, lrs), "arms": _jsonable(table)}
 
 
@@ -362,8 +380,9 @@ def arms_markdown(table: Dict[str, dict], order: Sequence[str] = ()) -> List[str
     """One row per arm: seed mean and per-seed final Pass@1 / Pass@10 / NDCG@10, mean actor/kl over the last
     KL_WINDOW steps and whether that excludes the arm."""
     arms = [a for a in order if a in table] + sorted(set(table) - set(order))
+    bound = next(iter(table.values()))["kl_bound"] if table else KL_BOUND
     head = ["arm", "seeds"] + [f"{m} {w}" for m in METRICS for w in ("mean", "per seed")] + \
-        [f"KL (last {KL_WINDOW} steps) mean", "per seed", f"excluded (KL > {KL_BOUND})"]
+        [f"KL (last {KL_WINDOW} steps) mean", "per seed", f"excluded (KL > {bound:.4g})"]
     rows = []
     for a in arms:
         t = table[a]
@@ -439,7 +458,9 @@ def beyond_report(kind: str, finished: Dict[str, dict], planned: int, out: str, 
     md = [f"# Beyond the paper: {title}", "",
           "Pre-registered in [PLAN.md](" + ("PLAN.md" if kind == "beyond" else "../PLAN.md") + "). Every number is "
           f"read from a cell's own `metrics.jsonl`: final = the step-{steps} evaluation; KL = mean `actor/kl` over "
-          f"the last {min(KL_WINDOW, steps)} steps (an arm above {KL_BOUND} is excluded from selection). "
+          f"the last {min(KL_WINDOW, steps)} steps (an arm above the larger of {KL_BOUND} and `{KL_REFERENCE_ARM}`'s "
+          f"own KL, {next(iter(table.values()))['kl_bound']:.4g} here, is excluded from selection: PLAN.md's "
+          "amendment of 2026-12-07). "
           f"{len(finished)} of {planned} cells finished.", ""]
     if not complete:
         md += ["> **INTERIM**: the table covers the finished cells only; nothing below is a decision until every cell "

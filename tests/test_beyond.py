@@ -139,22 +139,38 @@ def _rows(p1, kl=0.01, steps=STEPS, kl_before=None, p10=None, ndcg=None):
     return rows
 
 
-def _table(finals, kl=None):
+def _table(finals, kl=None, kl_bound=None):
     kl = kl or {}
     return by.arm_table({a: {s: _rows(v, kl.get(a, 0.01)) for s, v in enumerate(vals)}
-                         for a, vals in finals.items()}, STEPS)
+                         for a, vals in finals.items()}, STEPS, kl_bound)
 
 
 def test_arm_table_finals_and_kl_window():
     runs = {"recast+nw0.1": {0: _rows(0.12, kl=0.05, kl_before=5.0), 1: _rows(0.14, kl=0.25)},
             "grpo": {0: _rows(0.10, kl=0.2)}}
-    t = by.arm_table(runs, STEPS)
+    t = by.arm_table(runs, STEPS, kl_bound=0.1)  # PLAN.md's fixed bound, as registered
     assert t["recast+nw0.1"]["final"]["pass@1"] == {0: 0.12, 1: 0.14}
     assert t["recast+nw0.1"]["mean"]["pass@1"] == 0.13 and t["recast+nw0.1"]["mean"]["pass@10"] == 0.18
     # only steps 151-160 count: 5.0 before them does not, so the seed mean is (0.05 + 0.25) / 2 = 0.15
     assert t["recast+nw0.1"]["kl"] == {0: pytest.approx(0.05), 1: pytest.approx(0.25)}
     assert t["recast+nw0.1"]["kl_mean"] == pytest.approx(0.15) and t["recast+nw0.1"]["excluded"]
     assert t["grpo"]["excluded"] and not _table({"a": [.1]}, {"a": 0.1})["a"]["excluded"]  # 0.1 is within the bound
+
+
+def test_amended_kl_bound_is_grpos_own_kl_when_larger():
+    """PLAN.md's amendment of 2026-12-07: the bound is max(0.1, grpo's seed-mean KL), so an arm is excluded only for
+    drifting further than the baseline it must beat; with grpo inside 0.1 the registered rule is unchanged."""
+    arms = {"grpo": [.05] * 3, "grpo+lr2e-4": [.05] * 3, "recast+nw0.1": [.06] * 3, "recast+div": [.07] * 3}
+    t = _table(arms, {"grpo": 0.25, "grpo+lr2e-4": 0.7, "recast+nw0.1": 0.11, "recast+div": 0.26})
+    assert {a: x["kl_bound"] for a, x in t.items()} == {a: pytest.approx(0.25) for a in arms}
+    assert [a for a in arms if t[a]["excluded"]] == ["grpo+lr2e-4", "recast+div"]  # grpo itself: never
+    s = by.select_arm(t, SPECS)
+    assert s["selected"]["arm"] == "recast+nw0.1" and s["excluded"] == ["recast+div"]
+    assert by.grpo_lr_rule(t, {"grpo": 1e-4, "grpo+lr2e-4": 2e-4})["why"] == "grpo+lr2e-4 is KL-excluded"
+    t = _table(arms, {"grpo": 0.05, "recast+nw0.1": 0.11})  # grpo within 0.1: the fixed bound, as registered
+    assert t["grpo"]["kl_bound"] == 0.1 and t["recast+nw0.1"]["excluded"] and not t["recast+div"]["excluded"]
+    sel = by.selection(t, SPECS)
+    assert sel["kl_bound"] == 0.1 and "amended on 2026-12-07" in sel["rule"] and sel["selected"]["arm"] == "recast+div"
     gap = [r for r in _rows(0.1) if r["step"] != 155]
     with pytest.raises(ValueError, match=r"actor/kl missing at steps \[155\]"):
         by.kl_tail(gap, STEPS)
@@ -212,7 +228,8 @@ def test_selection_kl_exclusion_and_ties():
     (.10, .11, {"grpo": 0.2, "grpo+lr2e-4": 0.2}, 1e-4, "both KL-excluded"),
 ])
 def test_grpo_lr_rule(g, alt, kl, lr, why):
-    res = by.grpo_lr_rule(_table({"grpo": [g] * 3, "grpo+lr2e-4": [alt] * 3}, kl), {"grpo": 1e-4, "grpo+lr2e-4": 2e-4})
+    res = by.grpo_lr_rule(_table({"grpo": [g] * 3, "grpo+lr2e-4": [alt] * 3}, kl, kl_bound=0.1),
+                          {"grpo": 1e-4, "grpo+lr2e-4": 2e-4})
     assert (res["lr"], res["why"]) == (lr, why)
 
 
