@@ -478,7 +478,8 @@ def beyond_report(kind: str, finished: Dict[str, dict], planned: int, out: str, 
             g = sel["grpo_lr"]
             md += [f"**Selected arm** (decided {sel['decided']}, `selection.json`, PLAN.md section 5): "
                    + (f"`{s['arm']}` (seed-mean final reserved Pass@1 {s['seed_mean_pass@1']:.4f}; "
-                      f"{'beats' if sel['beats_grpo_and_anchor_only'] else 'does not beat'} both grpo and anchor_only)"
+                      f"seed mean {'above' if sel['beats_grpo_and_anchor_only'] else 'not above'} both grpo's and "
+                      "anchor_only's: a selection statistic on 3 seeds, no interval)"
                       if s else "none (every variant arm is KL-excluded)")
                    + f". Ranking: {', '.join(sel['ranking']) or '-'}; "
                    f"KL-excluded: {', '.join(sel['excluded']) or 'none'}.", "",
