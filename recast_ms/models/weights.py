@@ -394,14 +394,14 @@ def hf_sources(tensors: HFTensors, config: Mapping, transformer_config, *, prefi
         heads.append(("output_layer.weight", "lm_head.weight"))
 
     def head(index: int) -> np.ndarray:
-        # one generator draws the new rows of every head in turn (embedding, then lm_head): replaying the heads
-        # before ``index`` keeps a head's rows the same whichever order the heads are made in
-        rng = np.random.default_rng(seed)
-        for _, hf_name in heads[: index + 1]:
-            matrix = tensors.get(hf_name)
-            rows = matrix.shape[0] if vocab_size is None else vocab_size
-            if rows != matrix.shape[0] or new_token_ids is not None:
-                matrix = extend_rows(matrix, rows, new_token_ids, rng=rng, noise_scale=noise_scale)
+        # each head draws its new rows from its own generator, seeded by (seed, head index): a head's rows are the
+        # same whichever order the heads are made in, without remaking the heads before it
+        _, hf_name = heads[index]
+        matrix = tensors.get(hf_name)
+        rows = matrix.shape[0] if vocab_size is None else vocab_size
+        if rows != matrix.shape[0] or new_token_ids is not None:
+            matrix = extend_rows(matrix, rows, new_token_ids, rng=np.random.default_rng((seed, index)),
+                                 noise_scale=noise_scale)
         return matrix
 
     for i, (mf_name, hf_name) in enumerate(heads):
@@ -477,7 +477,8 @@ def load_hf_weights(model, hf_dir: PathLike, *, new_token_ids: Optional[Iterable
 
     The model's vocabulary may be larger than the checkpoint's: the extra rows (and ``new_token_ids``, which
     may also name rows inside the checkpoint's vocabulary) are initialised by :func:`extend_rows` with
-    ``np.random.default_rng(seed)``. Every tensor is checked (names, shapes) before any parameter is set.
+    ``np.random.default_rng((seed, h))`` for head h (0: the embedding, 1: an untied lm_head). Every tensor is
+    checked (names, shapes) before any parameter is set.
     """
     sources = hf_model_sources(model, hf_dir, new_token_ids=new_token_ids, seed=seed, noise_scale=noise_scale,
                                strict=strict, tensors=tensors)
