@@ -148,12 +148,14 @@ def count_collectives(workdir: str) -> Dict[str, int]:
 
 
 def run_phase(config: Optional[str], overrides: Sequence[str], world_size: int, rank: int, phase: str, env: Dict[str, str],
-              workdir: str, timeout: float, source: Optional[str] = None, layers: int = 0) -> dict:
+              workdir: str, timeout: float, source: Optional[str] = None, layers: int = 0,
+              init: Optional[str] = None) -> dict:
     """One (rank, phase) worker process in ``workdir``, importing ``recast_ms`` from ``source`` (default: this
     repository): its graphs, MindSpore's peak, wall time, host peak RSS."""
     os.makedirs(workdir, exist_ok=True)
     spec = {"config": os.path.abspath(config) if config else None, "overrides": list(overrides), "phase": phase,
-            "world_size": world_size, "rank": rank, "layers": int(layers)}
+            "world_size": world_size, "rank": rank, "layers": int(layers),
+            "init": os.path.abspath(init) if init else None}
     with open(os.path.join(workdir, "spec.json"), "w", encoding="utf-8") as f:
         json.dump(spec, f)
     penv = dict(env, RANK_SIZE=str(world_size), RANK_ID=str(rank), GLOG_v=env.get("RECAST_DRYRUN_GLOG", "2"),
@@ -196,12 +198,14 @@ def run_phase(config: Optional[str], overrides: Sequence[str], world_size: int, 
 
 def dryrun(config: Optional[str], overrides: Sequence[str] = (), world_size: int = 1, ranks: Sequence[int] = (0,),
            phases: Sequence[str] = PHASES, stub: Optional[str] = None, scratch: Optional[str] = None,
-           timeout: float = 3600.0, keep: bool = False, echo=None, layers: int = 0) -> dict:
+           timeout: float = 3600.0, keep: bool = False, echo=None, layers: int = 0, init: Optional[str] = None) -> dict:
     """The report of :mod:`recast_ms.dryrun` (module docstring) for ``ranks`` of a ``world_size`` launch.
 
     One process per (rank, phase), one after the other (a big model's compile takes most of this machine's
     memory). ``layers`` (> 0) compiles the model YAML at that depth, its width unchanged (a model too big for this
-    host's memory is compiled at 2 and 4 layers and its peak extrapolated per layer). ``scratch`` (default: a new temporary directory, removed unless ``keep``) holds their working
+    host's memory is compiled at 2 and 4 layers and its peak extrapolated per layer). ``init``: the RL phase's
+    ``--init`` checkpoint (a sharded step of the same layout loads slice by slice, ``engines.load_sliced_init``).
+    ``scratch`` (default: a new temporary directory, removed unless ``keep``) holds their working
     directories and logs."""
     report = {"config": config, "world_size": world_size, "overrides": list(overrides), "layers": int(layers) or None,
               "note": NOTE,
@@ -218,7 +222,7 @@ def dryrun(config: Optional[str], overrides: Sequence[str] = (), world_size: int
             entry = {"compiled": True, "peak_mb": None, "peak_with_fragments_mb": None, "graphs": {}, "phases": {}}
             for phase in phases:
                 res = run_phase(config, overrides, world_size, rank, phase, env,
-                                os.path.join(root, f"rank{rank}_{phase}"), timeout, source, layers)
+                                os.path.join(root, f"rank{rank}_{phase}"), timeout, source, layers, init)
                 entry["graphs"].update(res.pop("graphs"))
                 entry["compiled"] = entry["compiled"] and res["compiled"]
                 for key in ("peak_mb", "peak_with_fragments_mb"):
@@ -294,38 +298,61 @@ def _dryrun_config(spec: dict):
 
 
 def _sft_phase(cfg, rank: int, world: int, graphs: dict):
-    """The graphs of ``recast_ms.trainer.sft.run_sft``'s step and validation forward on this rank's rows (no
-    checkpoint: at model scale it would write the weights and moments)."""
-    import mindspore as ms
+    """The graphs of ``recast_ms.trainer.sft.run_sft``'s step and validation forward on this rank, through the engine
+    the plan picks (``engines.build_sft_engine``: this rank's rows on the data-parallel path, the global batch under
+    semi-auto parallel). No checkpoint: at model scale it would write the weights and moments."""
     import numpy as np
-    from mindspore.nn.utils import no_init_parameters
 
-    from recast_ms.models.policy import ResponseLogProbs
-    from recast_ms.trainer.optim import Optimizer
-    from recast_ms.trainer.setup import build_model, get_tokenizer, init_runtime, load_splits, response_len
-    from recast_ms.trainer.sft import _sft_loss_cell, encode_split
+    from recast_ms.models.policy import set_dropout
+    from recast_ms.trainer.engines import build_sft_engine
+    from recast_ms.trainer.setup import build_model, deferred_parameters, get_tokenizer, hf_start_sources, init_runtime, \
+        load_splits, response_len
+    from recast_ms.trainer.sft import encode_split
 
     splits = load_splits(cfg.data)
     tok = get_tokenizer(splits, os.path.abspath("tokenizer"), cfg)
-    init_runtime(cfg, world, stage="sft")
-    with no_init_parameters():
-        model = build_model(cfg, tok, seed=cfg.seed, dropout=cfg.sft.dropout)
-    R, rows = response_len(splits), cfg.sft.batch_size // world  # sft.batch_size is global
-    ids, start, mask = (ms.Tensor(a) for a in encode_split(splits.train[:rows], splits, tok, cfg))
-    num_tokens = ms.Tensor(np.float32(rows * R))
-    opt = Optimizer(_sft_loss_cell(model, R), model.trainable_params(), lr=cfg.sft.lr, name="sft",
-                    grad_clip=cfg.sft.grad_clip, weight_decay=cfg.sft.weight_decay, world_size=world, fused=True)
-    _Probe("sft/train_step", opt.train_step, graphs)([(ids, start, mask, num_tokens)], cfg.sft.lr)
-    _Probe("sft/val_forward", ResponseLogProbs(model, R), graphs)(ids, start).asnumpy()
+    plan = init_runtime(cfg, world, stage="sft")
+    with deferred_parameters():
+        model = build_model(cfg, tok, seed=cfg.seed, dropout=cfg.sft.dropout, load_weights=not plan.use_parallel)
+    R = response_len(splits)
+    engine = build_sft_engine(plan, model, cfg.sft, response_len=R, rows=cfg.sft.batch_size, world_size=world)
+    rows = cfg.sft.batch_size // engine.host_world  # sft.batch_size is global
+    ids, start, mask = encode_split(splits.train[:rows], splits, tok, cfg)
+    set_dropout(model, True)
+    sliced = None
+    if plan.use_parallel and cfg.hf_checkpoint:  # run_sft's sliced start, checked before the step runs
+        engine.compile_update(cfg.seq_length)
+        n = engine.load_slices(hf_start_sources(cfg, model, cfg.seed), rank)
+        sliced = _check_slices(cfg, [(engine.train_cell, model, "")], rank, {"model": n})
+    _Probe("sft/train_step", engine.train_step, graphs)(ids, start, mask, float(mask.sum()), cfg.sft.lr)
+    set_dropout(model, False)
+    _Probe("sft/val_forward", engine.logps, graphs)(ids, start)
+    if engine.kind != "sharded":
+        return {}
+    out = {"checkpoint": {"slice_shapes": _slice_shapes(engine.train_cell)}}
+    if sliced is not None:
+        out["sliced_start"] = sliced
+    return out
 
 
-def _rl_phase(cfg, rank: int, world: int, graphs: dict):
+def _slice_shapes(cell) -> dict:
+    """Each parameter's full and per-rank slice shape as ``cell`` compiled (MindSpore's parameter_layout_dict:
+    [dev_matrix, tensor_map, slice_shape, ...])."""
+    shapes = {}
+    for name, lay in sorted(cell.parameter_layout_dict.items()):
+        dev, tmap, piece = list(lay[0]), list(lay[1]), [int(n) for n in lay[2]]
+        full = [n * (dev[len(dev) - 1 - m] if m >= 0 else 1) for n, m in zip(piece, tmap)]
+        shapes[name] = {"full": full, "slice": piece, "dev_matrix": dev, "tensor_map": tmap}
+    return shapes
+
+
+def _rl_phase(cfg, rank: int, world: int, graphs: dict, init: Optional[str] = None):
     from mindspore.nn.utils import no_init_parameters
 
     from recast_ms.trainer.rl import RLTrainer
 
     with no_init_parameters():
-        trainer = RLTrainer(cfg, os.path.abspath("rl"), None, os.path.abspath("tokenizer"), progress=False, rank=rank,
+        trainer = RLTrainer(cfg, os.path.abspath("rl"), init, os.path.abspath("tokenizer"), progress=False, rank=rank,
                             world_size=world)
     dec = trainer.decoder
     for attr, name in (("_prefill", "rl/rollout_prefill"), ("_step", "rl/rollout_decode"),
@@ -345,7 +372,11 @@ def _rl_phase(cfg, rank: int, world: int, graphs: dict):
         trainer.policy.train_step = _Probe(update, trainer.policy.train_step, graphs)
     else:
         trainer.policy.opt.train_step = _Probe(update, trainer.policy.opt.train_step, graphs)
-    sliced = _check_sliced_start(trainer, rank) if trainer.sliced_start is not None else None
+    sliced = None
+    if trainer.sliced_from == "hf_checkpoint":
+        sliced = _check_sliced_start(trainer, rank)
+    elif trainer.sliced_from == "init":  # what each parameter holds, for a caller that knows the saved tensors
+        sliced = {"loaded": dict(trainer.sliced_start), "sums": _param_sums(trainer)}
     trainer.step()
     if trainer.policy.kind != "sharded":
         return {}
@@ -354,12 +385,9 @@ def _rl_phase(cfg, rank: int, world: int, graphs: dict):
     # slices themselves are not written here: under DryRun the parameters hold no values
     from recast_ms.trainer import sharded_checkpoint as sc
 
-    shapes = {}
-    for name, lay in sorted(trainer.policy.train_cell.parameter_layout_dict.items()):
-        dev, tmap, piece = list(lay[0]), list(lay[1]), [int(n) for n in lay[2]]
-        full = [n * (dev[len(dev) - 1 - m] if m >= 0 else 1) for n, m in zip(piece, tmap)]
-        shapes[name] = {"full": full, "slice": piece, "dev_matrix": dev, "tensor_map": tmap}
-    out = {"checkpoint": {"strategy": sc.strategy_file(trainer.run_dir, rank), "slice_shapes": shapes}}
+    shapes = _slice_shapes(trainer.policy.train_cell)
+    strategy = sc.strategy_file(trainer.run_dir, rank)
+    out = {"checkpoint": {"strategy": strategy, "strategy_written": os.path.exists(strategy), "slice_shapes": shapes}}
     if sliced is not None:
         out["sliced_start"] = sliced
     return out
@@ -367,20 +395,39 @@ def _rl_phase(cfg, rank: int, world: int, graphs: dict):
 
 def _check_sliced_start(trainer, rank: int) -> dict:
     """A run from ``hf_checkpoint`` under semi-auto parallel (``engines.load_sliced_start``), checked before its
-    step runs: every parameter the actor update and reference graphs hold equals this rank's slice of the
-    converted checkpoint tensor, cut here by the project's own rule (``sharded_checkpoint.slice_for_rank``, not
-    MindSpore's slicer the load used), split once more along its first axis where optimizer parallel shards it
+    step runs (:func:`_check_slices`) on the actor update graph and the reference forward."""
+    engines = [(trainer.policy.train_cell, trainer.model, "")]
+    if trainer.reference is not None:
+        engines.append((trainer.reference.logps_fn, trainer.reference.model, "ref."))
+    return _check_slices(trainer.cfg, engines, rank, trainer.sliced_start)
+
+
+def _param_sums(trainer) -> dict:
+    """``{"actor": {name: sum}, "reference": {name: sum}}`` of the parameters each compiled graph holds on this
+    rank (float64 sums of the slices): enough to compare with slices a test cut itself."""
+    out = {}
+    engines = [("actor", trainer.policy.train_cell, trainer.model)]
+    if trainer.reference is not None:
+        engines.append(("reference", trainer.reference.logps_fn, trainer.reference.model))
+    for role, cell, model in engines:
+        held = cell.parameter_layout_dict
+        out[role] = {p.name: float(p.asnumpy().astype("float64").sum()) for p in model.get_parameters()
+                     if p.name in held}
+    return out
+
+
+def _check_slices(cfg, engines, rank: int, loaded) -> dict:
+    """Every parameter each ``(compiled cell, model, name prefix)`` holds equals this rank's slice of the converted
+    checkpoint tensor, cut here by the project's own rule (``sharded_checkpoint.slice_for_rank``, not MindSpore's
+    slicer the load used), split once more along its first axis where optimizer parallel shards it
     (``opt_sharded`` counts those)."""
     from recast_ms.trainer import sharded_checkpoint as sc
     from recast_ms.trainer.setup import hf_start_sources
 
     import numpy as np
 
-    sources = hf_start_sources(trainer.cfg, trainer.model, trainer.cfg.seed)
-    report = {"loaded": dict(trainer.sliced_start), "checked": 0, "equal": 0, "opt_sharded": 0, "max_abs_diff": 0.0}
-    engines = [(trainer.policy.train_cell, trainer.model, "")]
-    if trainer.reference is not None:
-        engines.append((trainer.reference.logps_fn, trainer.reference.model, "ref."))
+    sources = hf_start_sources(cfg, engines[0][1], cfg.seed)
+    report = {"loaded": loaded, "checked": 0, "equal": 0, "opt_sharded": 0, "max_abs_diff": 0.0}
     for cell, model, strip in engines:
         layouts = cell.parameter_layout_dict
         for param in model.get_parameters():
@@ -421,7 +468,10 @@ def worker(workdir: str) -> int:
             from recast_ms.trainer.distributed import init_data_parallel
 
             rank, world = init_data_parallel("Ascend")
-        extra = {"sft": _sft_phase, "rl": _rl_phase}[spec["phase"]](cfg, rank, world, graphs)
+        if spec["phase"] == "rl":
+            extra = _rl_phase(cfg, rank, world, graphs, init=spec.get("init"))
+        else:
+            extra = _sft_phase(cfg, rank, world, graphs)
         result.update(extra or {})
     except Exception as err:  # pylint: disable=broad-except  # reported per graph; the parent decides
         failed = [name for name, g in graphs.items() if not g["compiled"]]

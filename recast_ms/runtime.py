@@ -232,6 +232,16 @@ def check_batch(cfg, layout: Layout) -> None:
                         f"divisible by data_parallel={dp}")
 
 
+def check_sft_batch(cfg, layout: Layout) -> None:
+    """Ascend under semi-auto parallel: the global SFT batch (and the validation forward's, the same size) is
+    sliced by DP, under a pipeline also into ``micro_batch_num`` micro-batches."""
+    b, dp = cfg.sft.batch_size, layout.data_parallel
+    if layout.pipeline_stage > 1 and b % (dp * layout.micro_batch_num):
+        raise PlanError(f"sft.batch_size={b} (global) is not divisible by data_parallel={dp} x micro_batch_num="
+                        f"{layout.micro_batch_num} = {dp * layout.micro_batch_num}: the pipeline splits each rank's "
+                        "rows into micro-batches")
+
+
 def check_groups(cfg, dp: int, stage: str = "rl") -> None:
     """The global batch of one step splits into whole groups (RL) / whole rows (SFT) per data-parallel rank."""
     if stage == "sft":
@@ -320,12 +330,9 @@ def plan_runtime(cfg, device_target: str, world_size: int, model_yaml: Optional[
     check_groups(cfg, dp, stage)
     # every device holds the full weights: the data-parallel path CPU msrun runs, with HCCL for MCCL
     data_parallel_only = tp == 1 and pp == 1 and not layout.optimizer_parallel
-    if stage == "sft" and not data_parallel_only:
-        raise PlanError(
-            f"SFT on the semi-auto layout DP x TP = {dp} x {tp} (optimizer parallel {layout.optimizer_parallel}) is "
-            "not written: recast-sft runs data parallel only (TP = PP = 1, runtime.optimizer_parallel=false); the "
-            "semi-auto engines cover the RL step (recast_ms/trainer/engines.py)")
-    if not data_parallel_only and stage == "rl":
+    if not data_parallel_only and stage == "sft":
+        check_sft_batch(cfg, layout)
+    elif not data_parallel_only:
         check_batch(cfg, layout)
 
     parallel_config = dict(raw.get("parallel_config") or {})

@@ -90,13 +90,40 @@ MICRO_TP = MICRO_OVERRIDES + ["runtime.model_parallel=2"]
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "strategy", "dp2_tp2.ckpt")
 
 
+# the micro model's full weight shapes (model_configs/qwen3_micro.yaml on the synthetic data: hidden 64, 4 heads /
+# 2 KV heads of 16, MLP 128, vocabulary 340, tied head), the names the strategy fixture lays out
+MICRO_SHAPES = {"embedding.word_embeddings.weight": (340, 64), "decoder.final_layernorm.weight": (64,),
+                **{f"decoder.layers.{i}.{k}": v for i in range(2) for k, v in {
+                    "self_attention.linear_qkv.weight": (128, 64), "self_attention.linear_proj.weight": (64, 64),
+                    "self_attention.q_layernorm.weight": (16,), "self_attention.k_layernorm.weight": (16,),
+                    "mlp.linear_fc1.weight": (256, 64), "mlp.linear_fc2.weight": (64, 128),
+                    "input_layernorm.weight": (64,), "pre_mlp_layernorm.weight": (64,)}.items()}}
+
+
 def test_tensor_parallel_recast_step_compiles_on_the_first_rank(stub, tmp_path):
-    # the first rank here, the last rank in the grpo test below: both ends of the launch, one compile each
+    # the first rank here, the last rank in the grpo test below: both ends of the launch, one compile each.
+    # The run starts (--init) from a sharded step of this very layout, as an 8B / 14B RL run starts from its SFT
+    # run's checkpoint: the actor and the reference each load rank 0's saved slices (engines.load_sliced_init)
+    import numpy as np
+
     from recast_ms.trainer import sharded_checkpoint as sc
 
-    report = dr.dryrun(None, MICRO_TP, world_size=4, ranks=[0], phases=["rl"], stub=stub, scratch=str(tmp_path),
-                       timeout=900, keep=True)
+    lay = sc.layouts(FIXTURE)
+    assert set(MICRO_SHAPES) == {n for n in lay if n.split(".")[0] in sc.MODEL_ROOTS}
+    rng = np.random.default_rng(0)
+    full = {n: rng.normal(size=shape).astype(np.float32) for n, shape in MICRO_SHAPES.items()}
+    step = tmp_path / "sft" / "checkpoints" / "step_40"
+    sc.write_rank_slices(full, FIXTURE, [0], str(step))
+    (step / sc.META).write_text(json.dumps({"step": 40, "world_size": 4, "sharded": True}))
+    report = dr.dryrun(None, MICRO_TP, world_size=4, ranks=[0], phases=["rl"], stub=stub,
+                       scratch=str(tmp_path / "scratch"), timeout=900, keep=True, init=str(step))
     assert report["error"] is None, report["error"]
+    sums = report["ranks"]["0"]["phases"]["rl"]["sliced_start"]["sums"]
+    assert report["ranks"]["0"]["phases"]["rl"]["sliced_start"]["loaded"] == {"actor": 18, "reference": 18}
+    for name, value in full.items():  # every parameter holds rank 0's slice as the project cuts it
+        want = float(sc.slice_for_rank(value, lay[name][0], lay[name][1], 0).astype(np.float64).sum())
+        assert sums["actor"][name] == pytest.approx(want, abs=1e-3), name
+        assert sums["reference"]["ref." + name] == pytest.approx(want, abs=1e-3), name
     for rank in ("0",):
         r = report["ranks"][rank]
         assert r["compiled"] is True, r
@@ -140,11 +167,22 @@ def test_pipeline_step_compiles_on_each_stage(stub, tmp_path, rank, estimator, s
         from qwen3_numpy_ref import write_hf_model_dir
 
         overrides += [f"hf_checkpoint={write_hf_model_dir(tmp_path / 'hf')}"]
-    report = dr.dryrun(None, overrides, world_size=4, ranks=[rank], phases=["rl"], stub=stub,
+    # rank 0 also compiles the SFT step (engines.ShardedSFT, the same one-step cell over the pipeline cell) from the
+    # checkpoint's slices: the 8B / 14B SFT runs on the RL run's own layout
+    phases = ["sft", "rl"] if from_hf else ["rl"]
+    report = dr.dryrun(None, overrides + ["sft.batch_size=8"], world_size=4, ranks=[rank], phases=phases, stub=stub,
                        scratch=str(tmp_path / "scratch"), timeout=900)
     assert report["error"] is None, report["error"]
     r = report["ranks"][str(rank)]
     assert r["compiled"] is True, r
+    if from_hf:
+        sft = r["phases"]["sft"]
+        assert {"sft/train_step", "sft/val_forward"} <= set(r["graphs"]) and sft["collectives"].get(sends, 0) > 0, sft
+        # stage 0's 9 parameters, each this rank's slice of the converted checkpoint tensor before the step ran
+        assert sft["sliced_start"]["loaded"] == {"model": 9}, sft["sliced_start"]
+        assert sft["sliced_start"]["checked"] == sft["sliced_start"]["equal"] == 9, sft["sliced_start"]
+        lin = sft["checkpoint"]["slice_shapes"]["decoder.layers.0.mlp.linear_fc1.weight"]
+        assert lin["slice"] == [lin["full"][0] // 2, lin["full"][1]] and lin["full"][0] > 2  # fused gate/up, by TP 2
     assert {"rl/rollout_forward_4rows", "rl/rollout_forward_16rows", "rl/reference_forward",
             f"rl/actor_update_{estimator}"} <= set(r["graphs"]), r["graphs"]
     coll = r["phases"]["rl"]["collectives"]
@@ -153,6 +191,8 @@ def test_pipeline_step_compiles_on_each_stage(stub, tmp_path, rank, estimator, s
         # stage 0's parameters only (the embedding and layer 0's eight weights of the two-layer model), in the actor
         # and in the reference, each equal to this rank's slice of the converted checkpoint tensor as the project
         # cuts it (sharded_checkpoint.slice_for_rank), checked before the step ran
+        # the strategy file the sharded checkpoints carry was written by the compile the sliced start made
+        assert r["phases"]["rl"]["checkpoint"]["strategy_written"] is True
         sliced = r["phases"]["rl"]["sliced_start"]
         assert sliced["loaded"] == {"actor": 9, "reference": 9}, sliced
         assert sliced["checked"] == sliced["equal"] == 18 and sliced["max_abs_diff"] == 0.0, sliced

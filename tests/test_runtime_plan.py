@@ -107,9 +107,18 @@ def test_pipeline_layouts_plan_stages_and_the_result_broadcast():
                          path=ascend_run("14b")), "Ascend", 8)
 
 
-def test_semi_auto_sft_is_refused_naming_the_data_parallel_path():
-    with pytest.raises(PlanError, match="SFT on the semi-auto layout DP x TP = 2 x 4"):
-        plan_runtime(cfg(path=ascend_run("8b")), "Ascend", 8, stage="sft")
+def test_semi_auto_sft_plans_the_rl_layout_and_checks_its_batch():
+    """SFT of 8B / 14B runs on the RL run's own semi-auto layout (the sharded SFT engine); its global batch must
+    split over DP (and a pipeline's micro-batches)."""
+    for name in ("8b", "14b"):
+        rl, sft = (plan_runtime(cfg(path=ascend_run(name)), "Ascend", 8, stage=st) for st in ("rl", "sft"))
+        assert sft.use_parallel and sft.layout == rl.layout and sft.parallel_config == rl.parallel_config
+    with pytest.raises(PlanError, match=r"sft.batch_size=12 \(global\) is not divisible by data_parallel=8"):
+        plan_runtime(cfg("sft.batch_size=12", path=ascend_run("0_6b")), "Ascend", 8, stage="sft")
+    pp = ("runtime.model_parallel=4", "runtime.pipeline_stage=2", "runtime.micro_batch_num=4")
+    assert plan_runtime(cfg(*pp, path=ascend_run("14b")), "Ascend", 8, stage="sft").layout.pipeline_stage == 2
+    with pytest.raises(PlanError, match="sft.batch_size=6 .* micro_batch_num=4 = 4"):
+        plan_runtime(cfg(*pp, "sft.batch_size=6", path=ascend_run("14b")), "Ascend", 8, stage="sft")
     assert plan_runtime(cfg(path=ascend_run("0_6b")), "Ascend", 8, stage="sft").layout.data_parallel == 8
 
 
@@ -307,9 +316,9 @@ def test_init_runtime_applies_the_cpu_plan_and_refuses_what_cannot_run(monkeypat
     plan = setup.init_runtime(cfg("runtime.device_target=CPU"))
     assert plan.device_target == "CPU" and setup.current_plan() is plan and cpu_compat.cpu_patches_applied()
     monkeypatch.setattr(runtime, "require_device", lambda device: None)  # as if an Ascend device were here
-    # semi-auto SFT: one line, before anything is applied
-    with pytest.raises(PlanError, match="SFT on the semi-auto layout"):
-        setup.init_runtime(cfg(path=ascend_run("8b")), 8, stage="sft")
+    # a batch the layout cannot split: one line, before anything is applied
+    with pytest.raises(PlanError, match="not divisible by data_parallel=2"):
+        setup.init_runtime(cfg("sft.batch_size=7", path=ascend_run("8b")), 8, stage="sft")
     # data-parallel layouts (0.6B, 1.7B) are not refused; without msrun's communication init they cannot run
     for name in ("0_6b", "1_7b"):
         with pytest.raises(RuntimeError, match="8 ranks but communication is not initialised"):

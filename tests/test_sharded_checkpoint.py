@@ -8,6 +8,7 @@ test also checks a fresh compile still writes these layouts):
 Known tensors are sliced per rank by :func:`slice_for_rank` (the project's reading of a layout), merged by
 MindSpore's ``transform_checkpoints`` (its own), and must come back equal; re-sliced onto the other layout, every
 destination rank's slices must equal the slices of the same tensors under that layout."""
+import json
 import os
 
 import numpy as np
@@ -205,3 +206,34 @@ def test_load_slices_checks_names_and_shapes_before_setting(full):
     with pytest.raises(CheckpointError, match="rank 1's slice of .*linear_proj.* has shape \\[64, 32\\], "
                                               "the compiled graph holds \\[64, 64\\]"):
         sc.load_slices(params, layouts, sources, 1)
+
+
+def test_load_rank_model_slices_reads_a_step_of_the_same_layout_and_refuses_another(full, tmp_path):
+    # an RL run --init from the SFT run's sharded step on the same layout (engines.load_sliced_init): each rank sets
+    # its own saved slices, model weights only; a compiled layout that splits differently is refused naming
+    # transform, and a layout written with another device matrix but the same splits ([2, 2] for [2, 1, 2]) is not
+    from recast_ms.models.weights import CheckpointError
+
+    lay = sc.layouts(DP2_TP2)
+    step = str(tmp_path / "sft" / "checkpoints" / "step_40")
+    sc.write_rank_slices({**full, "optimizer.adam_m." + QKV: full[QKV]}, DP2_TP2, range(4), step)
+    for rank in range(4):
+        layouts = {"ref." + name: _compiled_layout([2, 2], lay[name][1], full[name].shape) for name in full}
+        params = {"ref." + name: ms.Parameter(ms.Tensor(np.zeros(layouts["ref." + name][2], np.float32)),
+                                              name="ref." + name) for name in full}
+        assert sc.load_rank_model_slices(params, layouts, step, rank, strip="ref.") == len(full)
+        for name in full:
+            want = sc.slice_for_rank(full[name], lay[name][0], lay[name][1], rank)
+            np.testing.assert_array_equal(params["ref." + name].asnumpy(), want)
+    assert sc.axis_splits([2, 1, 2], [0, -1], 3) == sc.axis_splits([2, 2], [0, -1], 3) == [(2, 1), (1, 0)]
+    layouts = {name: _compiled_layout(lay[name][0], lay[name][1], full[name].shape) for name in full}
+    layouts[PROJ] = _compiled_layout(lay[PROJ][0], [0, -1], full[PROJ].shape)  # rows split, not columns
+    params = {name: ms.Parameter(ms.Tensor(np.zeros(layouts[name][2], np.float32)), name=name) for name in full}
+    with pytest.raises(CheckpointError, match="linear_proj.* was saved under .* transform the step onto this layout"):
+        sc.load_rank_model_slices(params, layouts, step, 1)
+    with pytest.raises(CheckpointError, match="no slices for rank 5"):
+        sc.load_rank_model_slices(params, layouts, step, 5)
+    assert sc.is_sharded_step(step) is False  # rank 0's meta.json (written by save_rank_state) marks a step
+    with open(os.path.join(step, sc.META), "w") as f:
+        json.dump({"step": 40, "sharded": True}, f)
+    assert sc.is_sharded_step(step) and not sc.is_sharded_step(str(tmp_path))

@@ -32,6 +32,8 @@ def main():
     p.add_argument("--out", default=None, help="also write the JSON report to this file")
     p.add_argument("--layers", type=int, default=0,
                    help="compile the model at this depth, its width unchanged (default: the model YAML's)")
+    p.add_argument("--init", default=None, metavar="STEP_DIR",
+                   help="the RL phase's --init checkpoint (a sharded step of the same layout loads slice by slice)")
     args = p.parse_args()
     from recast_ms.config import load_config
     from recast_ms.dryrun import NOTE, PHASES, dryrun, parse_ranks
@@ -50,7 +52,7 @@ def main():
     echo(f"compiling ranks {ranks} of {world} ({', '.join(phases)}), one process at a time")
     report = dryrun(args.config, args.overrides, world, ranks, phases=phases, stub=args.stub,
                     scratch=os.path.abspath(args.scratch) if args.scratch else None, timeout=args.timeout,
-                    keep=bool(args.scratch), echo=echo, layers=args.layers)
+                    keep=bool(args.scratch), echo=echo, layers=args.layers, init=args.init)
     text = json.dumps(report, sort_keys=False)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

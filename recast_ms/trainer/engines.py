@@ -264,74 +264,48 @@ def _accumulating_step_cls():
     return RLAccumulatingStepCell
 
 
-class ShardedPolicy(_Policy):
-    """The actor under semi-auto parallel (module docstring). ``prepare`` keeps the whole global batch (the
-    framework slices it by DP, then the accumulation / pipeline cell into micro-batches)."""
+def sharded_train_cell(model, network, lay, micro_num: int, *, lr: float, weight_decay: float, grad_clip: float):
+    """``(optimizer, train cell)`` of a semi-auto-parallel step over ``network`` (MindFormers' mcore loss contract):
+    MindFormers' AdamW over ``model``'s trainable parameters (1-D gains not decayed), wrapped in the one-step cell,
+    or, for ``micro_num`` > 1 or a pipeline, the accumulating cell over MindFormers' gradient-accumulation /
+    pipeline cell. The RL policy and SFT share it. Returns ``(loss, pre-clip global norm)`` per call."""
+    import mindspore as ms
+    from mindformers.core.optim import AdamW
+    from mindformers.wrapper.wrapper import GradAccumulationCellWithMultiOutputs, PipelineCellWithMultiOutputs
+    from mindspore.nn.wrap.cell_wrapper import _VirtualDatasetCell
 
-    kind = "sharded"
+    params = model.trainable_params()
+    groups = [{"params": [p for p in params if len(p.shape) >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if len(p.shape) < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    optimizer = AdamW(groups, learning_rate=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+    clip = grad_clip > 0
+    scale = ms.Tensor(1.0, ms.float32)
+    pipeline = lay.pipeline_stage > 1
+    if pipeline or micro_num > 1:
+        net = PipelineCellWithMultiOutputs(network, micro_num) if pipeline \
+            else GradAccumulationCellWithMultiOutputs(network, micro_num)
+        cell = _accumulating_step_cls()(_VirtualDatasetCell(net), optimizer, use_clip_grad=clip,
+                                        max_grad_norm=grad_clip or 1.0, scale_sense=scale, micro_batch_num=micro_num)
+    else:  # one micro-batch per step (ReCast's [2P, T] at the default size, SFT): no accumulation buffers
+        cell = _train_one_step_cls()(_VirtualDatasetCell(network), optimizer, use_clip_grad=clip,
+                                     max_grad_norm=grad_clip or 1.0, scale_sense=scale)
+    return optimizer, cell
 
-    def __init__(self, model, rcfg, response_len: int, rows: int, plan):
-        import mindspore as ms
-        from mindformers.core.optim import AdamW
-        from mindformers.wrapper.wrapper import GradAccumulationCellWithMultiOutputs, PipelineCellWithMultiOutputs
-        from mindspore.nn.wrap.cell_wrapper import _VirtualDatasetCell
 
-        from recast_ms.models.sharded import ShardedResponseLogProbs
+class ShardedStep:
+    """What the semi-auto-parallel train engines (RL policy, SFT) share around their ``train_cell``: the strategy
+    file of the first compile (the sharded checkpoints' layout), compiling without running, this rank's slices of
+    a full checkpoint, and the per-rank sharded checkpoints."""
 
-        lay = plan.layout
-        self.model, self.rcfg, self.R, self.plan = model, rcfg, int(response_len), plan
-        self.rows = int(rows)
-        self.micro = min(rcfg.micro_batch_size, self.rows)  # rows per micro-batch (global, sliced by DP)
-        self.num_micro = self.rows // self.micro  # the plan checked divisibility
-        self.on_policy = rcfg.ppo_epochs == 1
-        self.lr = float(rcfg.lr)
-        dp, tp, pp = lay.data_parallel, lay.model_parallel, lay.pipeline_stage
-        stage = _last_stage(lay)
-        self.pipeline = pp > 1
-        self.network = _rl_network(model, rcfg, self.R, self.on_policy, dp, tp, stage,
-                                   lay.micro_batch_num if self.pipeline else self.num_micro)
-        self.logps_fn = _forward(ShardedResponseLogProbs(model, self.R, rcfg.temperature, dp=dp, tp=tp, stage=stage),
-                                 lay)
-        params = model.trainable_params()
-        groups = [{"params": [p for p in params if len(p.shape) >= 2], "weight_decay": rcfg.weight_decay},
-                  {"params": [p for p in params if len(p.shape) < 2], "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]
-        self.optimizer = AdamW(groups, learning_rate=self.lr, betas=(0.9, 0.999), eps=1e-8,
-                               weight_decay=rcfg.weight_decay)
-        clip = rcfg.grad_clip > 0
-        scale = ms.Tensor(1.0, ms.float32)
-        if self.pipeline or self.num_micro > 1:
-            micro = lay.micro_batch_num if self.pipeline else self.num_micro
-            net = PipelineCellWithMultiOutputs(self.network, micro) if self.pipeline \
-                else GradAccumulationCellWithMultiOutputs(self.network, micro)
-            self.train_cell = _accumulating_step_cls()(_VirtualDatasetCell(net), self.optimizer, use_clip_grad=clip,
-                                                       max_grad_norm=rcfg.grad_clip or 1.0, scale_sense=scale,
-                                                       micro_batch_num=micro)
-        else:  # one micro-batch per step (ReCast's [2P, T] at the default size): no accumulation buffers
-            self.train_cell = _train_one_step_cls()(_VirtualDatasetCell(self.network), self.optimizer,
-                                                    use_clip_grad=clip, max_grad_norm=rcfg.grad_clip or 1.0,
-                                                    scale_sense=scale)
-        self.train_cell.set_train(True)
-        self.strategy_path, self.compiled = "", False
-        self.stage_group = _pipeline_stats_group(lay) if self.pipeline else None
-
-    def prepare(self, input_ids, resp_start, loss_mask, advantages) -> StepBatch:
-        import mindspore as ms
-
-        if len(input_ids) != self.rows:
-            raise RuntimeError(f"actor batch has {len(input_ids)} rows, the compiled shape is {self.rows}")
-        mbs = [slice(k * self.micro, (k + 1) * self.micro) for k in range(self.num_micro)]
-        micro = [(ms.Tensor(input_ids[m]), ms.Tensor(resp_start[m])) for m in mbs]
-        return StepBatch(input_ids, resp_start, advantages, loss_mask, len(input_ids), micro)
+    train_cell = None
+    model = None
+    phase = ""
 
     def set_strategy_file(self, path: str) -> None:
-        """The actor update graph's strategy file goes to ``path`` (the sharded checkpoints' layout); graphs
-        compiled after it write elsewhere, so a later forward graph never replaces it."""
+        """The train graph's strategy file goes to ``path`` (the sharded checkpoints' layout); graphs compiled
+        after it write elsewhere, so a later forward graph never replaces it."""
         self.strategy_path = path
-
-    def train_step(self, *inputs):
-        """One optimizer step of the whole global batch (the graph the dry run compiles)."""
-        return self._first_compile(self.train_cell, inputs)
 
     def _first_compile(self, fn, inputs):
         """``fn(*inputs)``; the first time, with the strategy file going to ``strategy_path``."""
@@ -348,6 +322,80 @@ class ShardedPolicy(_Policy):
             return out
         self.compiled = True
         return fn(*inputs)
+
+    def _compile_train(self, inputs) -> None:
+        """Compile the train graph for ``inputs`` without running it: MindSpore then holds every parameter at this
+        rank's slice shape (``train_cell.parameter_layout_dict``), ready for :meth:`load_slices`."""
+        self._first_compile(lambda *args: _compile_only(self.train_cell, *args), inputs)
+
+    def load_slices(self, sources, rank: int) -> int:
+        """This rank's slices of the model's weights from ``sources`` (one full tensor read at a time), after the
+        train graph compiled; the AdamW moments start at zero as with any fresh start."""
+        from recast_ms.trainer import sharded_checkpoint as sc
+
+        return sc.load_slices(_compiled_params(self.model, self.train_cell), self.train_cell.parameter_layout_dict,
+                              sources, rank)
+
+    def save(self, run_dir: str, step: int, meta: dict, rank: int, init_checkpoint: Optional[str] = None,
+             keep: int = 2) -> None:
+        """Every rank writes its slices (weights and optimizer state) with the strategy file."""
+        from recast_ms.trainer import sharded_checkpoint as sc
+
+        sc.save_rank_state(run_dir, step, self.train_cell, {**meta, "phase": meta.get("phase", self.phase)}, rank,
+                           keep=keep)
+
+    def load(self, path: str) -> dict:
+        """This rank's slices of a step saved by :meth:`save`. The train cell's duplicate parameter names (the two
+        ``learning_rate`` of MindFormers' one-step cell) are renamed first, as its first call renames them before
+        any save: a resume loads before that call, and the checkpoint's names would not match otherwise."""
+        from recast_ms.trainer import sharded_checkpoint as sc
+
+        self.train_cell._self_check()  # pylint: disable=protected-access
+        return sc.load_rank_state(path, self.train_cell)
+
+
+class ShardedPolicy(_Policy, ShardedStep):
+    """The actor under semi-auto parallel (module docstring). ``prepare`` keeps the whole global batch (the
+    framework slices it by DP, then the accumulation / pipeline cell into micro-batches)."""
+
+    kind = "sharded"
+    phase = "rl"
+
+    def __init__(self, model, rcfg, response_len: int, rows: int, plan):
+        from recast_ms.models.sharded import ShardedResponseLogProbs
+
+        lay = plan.layout
+        self.model, self.rcfg, self.R, self.plan = model, rcfg, int(response_len), plan
+        self.rows = int(rows)
+        self.micro = min(rcfg.micro_batch_size, self.rows)  # rows per micro-batch (global, sliced by DP)
+        self.num_micro = self.rows // self.micro  # the plan checked divisibility
+        self.on_policy = rcfg.ppo_epochs == 1
+        self.lr = float(rcfg.lr)
+        dp, tp, pp = lay.data_parallel, lay.model_parallel, lay.pipeline_stage
+        stage = _last_stage(lay)
+        self.pipeline = pp > 1
+        micro = lay.micro_batch_num if self.pipeline else self.num_micro
+        self.network = _rl_network(model, rcfg, self.R, self.on_policy, dp, tp, stage, micro)
+        self.logps_fn = _forward(ShardedResponseLogProbs(model, self.R, rcfg.temperature, dp=dp, tp=tp, stage=stage),
+                                 lay)
+        self.optimizer, self.train_cell = sharded_train_cell(model, self.network, lay, micro, lr=self.lr,
+                                                             weight_decay=rcfg.weight_decay, grad_clip=rcfg.grad_clip)
+        self.train_cell.set_train(True)
+        self.strategy_path, self.compiled = "", False
+        self.stage_group = _pipeline_stats_group(lay) if self.pipeline else None
+
+    def prepare(self, input_ids, resp_start, loss_mask, advantages) -> StepBatch:
+        import mindspore as ms
+
+        if len(input_ids) != self.rows:
+            raise RuntimeError(f"actor batch has {len(input_ids)} rows, the compiled shape is {self.rows}")
+        mbs = [slice(k * self.micro, (k + 1) * self.micro) for k in range(self.num_micro)]
+        micro = [(ms.Tensor(input_ids[m]), ms.Tensor(resp_start[m])) for m in mbs]
+        return StepBatch(input_ids, resp_start, advantages, loss_mask, len(input_ids), micro)
+
+    def train_step(self, *inputs):
+        """One optimizer step of the whole global batch (the graph the dry run compiles)."""
+        return self._first_compile(self.train_cell, inputs)
 
     def _inputs(self, batch: StepBatch, old: list, ref: list) -> tuple:
         """The train cell's inputs, the same for the compile-only pass and every step (one graph, no recompile)."""
@@ -366,18 +414,9 @@ class ShardedPolicy(_Policy):
                             np.zeros((rows, R), np.float32), np.zeros(rows, np.float32))
 
     def compile_update(self, batch: StepBatch) -> None:
-        """Compile the actor update graph without running it: MindSpore then holds every actor parameter at this
-        rank's slice shape (``train_cell.parameter_layout_dict``), ready for :meth:`load_slices`."""
+        """Compile the actor update graph without running it (then :meth:`load_slices`)."""
         zeros = self.zeros(batch)
-        self._first_compile(lambda *args: _compile_only(self.train_cell, *args), self._inputs(batch, zeros, zeros))
-
-    def load_slices(self, sources, rank: int) -> int:
-        """This rank's slices of the actor's weights from ``sources`` (one full tensor read at a time), after
-        :meth:`compile_update`; the AdamW moments start at zero as with any fresh start."""
-        from recast_ms.trainer import sharded_checkpoint as sc
-
-        return sc.load_slices(_compiled_params(self.model, self.train_cell), self.train_cell.parameter_layout_dict,
-                              sources, rank)
+        self._compile_train(self._inputs(batch, zeros, zeros))
 
     def update(self, batch: StepBatch, old: list, ref: list, lr: float) -> Tuple[np.ndarray, float]:
         import mindspore as ms
@@ -396,16 +435,6 @@ class ShardedPolicy(_Policy):
                 step_stats, grad_norm = _from_last_stage(step_stats, grad_norm, *self.stage_group)
             stats += step_stats
         return stats / self.rcfg.ppo_epochs, grad_norm
-
-    def save(self, run_dir: str, step: int, meta: dict, rank: int, init_checkpoint: Optional[str]) -> None:
-        from recast_ms.trainer import sharded_checkpoint as sc
-
-        sc.save_rank_state(run_dir, step, self.train_cell, {**meta, "phase": meta.get("phase", "rl")}, rank)
-
-    def load(self, path: str) -> dict:
-        from recast_ms.trainer import sharded_checkpoint as sc
-
-        return sc.load_rank_state(path, self.train_cell)
 
 
 def _pipeline_stats_group(lay):
@@ -512,14 +541,6 @@ class ShardedReference(_Reference):
         """Compile the reference forward graph (one micro-batch's shape) without running it."""
         _compile_only(self.logps_fn, *batch.micro[0])
 
-    def load_slices(self, sources, rank: int) -> int:
-        """This rank's slices of the starting weights (the reference's own compiled layout), after
-        :meth:`compile_forward`: the reference never holds a full copy."""
-        from recast_ms.trainer import sharded_checkpoint as sc
-
-        return sc.load_slices(_compiled_params(self.model, self.logps_fn), self.logps_fn.parameter_layout_dict,
-                              sources, rank, strip="ref.")
-
     def copy_from(self, actor) -> int:
         """Give the reference the actor's weights before any graph compiles (the framework then slices both per
         rank); returns how many tensors were copied. Parameters that hold no data yet (built under
@@ -561,22 +582,203 @@ def _compiled_params(model, cell) -> dict:
     return {p.name: p for p in model.get_parameters() if p.name in held and p.name in in_graph}
 
 
+def _compile_then_load(engines, seq_length: int, load) -> dict:
+    """Compile the actor update and the reference forward without running them, then ``load(params, layouts,
+    strip)`` gives each of their parameters this rank's slice. Returns ``{"actor": n, "reference": n}``."""
+    policy, reference = engines.policy, engines.reference
+    batch = policy.blank_batch(seq_length)
+    policy.compile_update(batch)
+    if reference is not None:
+        reference.compile_forward(batch)
+    out = {"actor": load(_compiled_params(policy.model, policy.train_cell), policy.train_cell.parameter_layout_dict,
+                         ""), "reference": 0}
+    if reference is not None:
+        cell = reference.logps_fn
+        out["reference"] = load(_compiled_params(reference.model, cell), cell.parameter_layout_dict, "ref.")
+    return out
+
+
 def load_sliced_start(engines, make_sources, rank: int, seq_length: int) -> dict:
     """Start a semi-auto-parallel run from full weights that no host holds whole (``hf_checkpoint``): compile the
     actor update and the reference forward without running them, then give each of their parameters this rank's
     slice, read one full tensor at a time (``recast_ms.models.weights.hf_sources``). Every later
     graph (rollout, log-probs) finds the parameters already sliced. ``make_sources()`` is called once the graphs
     compiled (the first compile may rename parameters). Returns ``{"actor": n, "reference": n}``."""
-    policy, reference = engines.policy, engines.reference
-    batch = policy.blank_batch(seq_length)
-    policy.compile_update(batch)
-    if reference is not None:
-        reference.compile_forward(batch)
-    sources = make_sources()
-    out = {"actor": policy.load_slices(sources, rank), "reference": 0}
-    if reference is not None:
-        out["reference"] = reference.load_slices(sources, rank)
-    return out
+    from recast_ms.trainer import sharded_checkpoint as sc
+
+    sources = {}
+
+    def load(params, layouts, strip):
+        if not sources:
+            sources.update(make_sources())
+        return sc.load_slices(params, layouts, sources, rank, strip=strip)
+
+    return _compile_then_load(engines, seq_length, load)
+
+
+def load_sliced_init(engines, step_dir: str, rank: int, seq_length: int) -> dict:
+    """Start a semi-auto-parallel run from the project's sharded checkpoint of a run on the same layout (``--init``
+    of the 8B / 14B SFT run): the actor and the reference each take this rank's saved slices of the model weights
+    (``sharded_checkpoint.load_rank_model_slices``), so no host merges or holds the whole model, and the reference
+    never copies the actor on the host. Returns ``{"actor": n, "reference": n}``."""
+    from recast_ms.trainer import sharded_checkpoint as sc
+
+    return _compile_then_load(engines, seq_length, lambda params, layouts, strip: sc.load_rank_model_slices(
+        params, layouts, step_dir, rank, strip=strip))
+
+
+# ----------------------------------------------------------------------------- SFT: the same two paths
+
+
+def _sft_network(model, response_len: int, dp: int, tp: int, stage: int, micro_num: int):
+    """The SFT loss (token-mean NLL over response tokens, ``recast_ms.trainer.sft._sft_loss_cell``'s) in MindFormers'
+    mcore contract, as :func:`_rl_network`: four outputs summed by the one-step cell; the loss of each micro-batch,
+    normalised by the step's token count, is added into ``sft_stats`` for the host to read."""
+    import mindspore as ms
+    from mindspore import nn, ops
+    from mindspore.common.initializer import initializer
+
+    from recast_ms.models.sharded import ShardedResponseLogProbs
+
+    class SFTNetwork(nn.Cell):
+        def __init__(self):
+            super().__init__(auto_prefix=False)
+            self.network = model
+            self.logps = ShardedResponseLogProbs(model, response_len, 1.0, dp=dp, tp=tp, stage=stage)
+            self.sft_stats = ms.Parameter(initializer("zeros", (1,), ms.float32), name="sft_stats",
+                                          requires_grad=False)
+
+        def get_gpt_transformer_config(self):
+            return self.network.get_gpt_transformer_config()
+
+        def construct(self, input_ids, resp_start, loss_mask, num_tokens_rows):
+            # the token count comes per row ([B]): the micro-batch and pipeline cells slice every input on axis 0
+            lp = self.logps(input_ids, resp_start)  # [B, R]
+            loss = -(lp * loss_mask).sum() / ops.reduce_max(num_tokens_rows)
+            loss = ops.depend(loss, ops.assign_add(self.sft_stats, ops.stop_gradient(loss).reshape((1,))))
+            zero = ops.zeros((), ms.float32)
+            return loss, zero, zero, zero
+
+    if micro_num > 1 or stage >= 0:  # the micro-step border, as _rl_network (and only then, for the same reason)
+        SFTNetwork.__init__ = ms.lazy_inline(SFTNetwork.__init__)
+    return SFTNetwork()
+
+
+class LocalSFT:
+    """SFT on one device (CPU / data-parallel Ascend): :class:`recast_ms.trainer.optim.Optimizer` fused over the SFT
+    loss cell, each rank its ``rows / world`` rows of the global batch, the data-parallel mean in the optimizer."""
+
+    kind = "local"
+
+    def __init__(self, model, scfg, response_len: int, world_size: int = 1):
+        from recast_ms.models.policy import ResponseLogProbs
+        from recast_ms.trainer.optim import Optimizer
+        from recast_ms.trainer.sft import _sft_loss_cell
+
+        self.model, self.scfg = model, scfg
+        self.host_world = int(world_size)
+        # one micro-batch per step: forward, backward and AdamW in one graph, no gradient buffers
+        self.opt = Optimizer(_sft_loss_cell(model, response_len), model.trainable_params(), lr=scfg.lr,
+                             weight_decay=scfg.weight_decay, grad_clip=scfg.grad_clip, name="sft", fused=True,
+                             world_size=world_size)
+        self.logps_fn = ResponseLogProbs(model, response_len)
+
+    def train_step(self, input_ids, resp_start, loss_mask, num_tokens: float, lr: float) -> Tuple[float, float]:
+        """One step on this rank's rows; ``num_tokens``: the global batch's loss tokens / ranks. ``(loss, norm)``:
+        this rank's share of the loss (its mean over ranks is the global token mean), the pre-clip grad norm."""
+        import mindspore as ms
+
+        outs, grad_norm = self.opt.train_step(
+            [(ms.Tensor(input_ids), ms.Tensor(resp_start), ms.Tensor(loss_mask), ms.Tensor(np.float32(num_tokens)))], lr)
+        return float(outs[0][0].asnumpy()), grad_norm
+
+    def logps(self, input_ids, resp_start) -> np.ndarray:
+        import mindspore as ms
+
+        return self.logps_fn(ms.Tensor(input_ids), ms.Tensor(resp_start)).asnumpy()
+
+    def save(self, run_dir: str, step: int, meta: dict, rank: int, keep: int) -> None:
+        from recast_ms.trainer import checkpoint as ckpt
+
+        if rank == 0:  # every rank holds the same weights
+            ckpt.save_train_state(run_dir, step, self.model, self.opt, meta, what="SFT", keep=keep)
+
+    def load(self, path: str) -> dict:
+        from recast_ms.trainer import checkpoint as ckpt
+
+        return ckpt.load_train_state(path, self.model, self.opt)
+
+
+class ShardedSFT(ShardedStep):
+    """SFT under semi-auto parallel (the 8B / 14B layouts): the RL policy's train cell (:func:`sharded_train_cell`)
+    over :func:`_sft_network`, fed the GLOBAL batch (the framework slices it by DP, a pipeline into
+    ``micro_batch_num`` micro-batches). The cosine schedule sets AdamW's ``learning_rate`` Parameter before each step
+    (read by the graph, so it never recompiles). Validation log-probs through the vocabulary-parallel forward."""
+
+    kind = "sharded"
+    phase = "sft"
+
+    def __init__(self, model, scfg, response_len: int, rows: int, plan):
+        from recast_ms.models.sharded import ShardedResponseLogProbs
+
+        lay = plan.layout
+        self.model, self.scfg, self.R, self.rows = model, scfg, int(response_len), int(rows)
+        self.host_world = 1  # every rank's host side feeds the whole global batch
+        dp, tp = lay.data_parallel, lay.model_parallel
+        stage = _last_stage(lay)
+        self.pipeline = lay.pipeline_stage > 1
+        micro = lay.micro_batch_num if self.pipeline else 1
+        self.network = _sft_network(model, self.R, dp, tp, stage, micro)
+        self.optimizer, self.train_cell = sharded_train_cell(model, self.network, lay, micro, lr=scfg.lr,
+                                                             weight_decay=scfg.weight_decay, grad_clip=scfg.grad_clip)
+        self.train_cell.set_train(True)
+        self.logps_fn = _forward(ShardedResponseLogProbs(model, self.R, 1.0, dp=dp, tp=tp, stage=stage), lay)
+        self.strategy_path, self.compiled = "", False
+        self.stage_group = _pipeline_stats_group(lay) if self.pipeline else None
+
+    def _inputs(self, input_ids, resp_start, loss_mask, num_tokens: float) -> tuple:
+        import mindspore as ms
+
+        if len(input_ids) != self.rows:
+            raise RuntimeError(f"SFT batch has {len(input_ids)} rows, the compiled shape is {self.rows}")
+        return (ms.Tensor(input_ids), ms.Tensor(resp_start), ms.Tensor(loss_mask),
+                ms.Tensor(np.full(len(input_ids), num_tokens, np.float32)))
+
+    def compile_update(self, seq_length: int) -> None:
+        """Compile the train graph on a blank batch without running it (then :meth:`load_slices`)."""
+        rows, R = self.rows, self.R
+        self._compile_train(self._inputs(np.zeros((rows, seq_length), np.int32), np.zeros(rows, np.int32),
+                                         np.zeros((rows, R), np.float32), 1.0))
+
+    def train_step(self, input_ids, resp_start, loss_mask, num_tokens: float, lr: float) -> Tuple[float, float]:
+        """One optimizer step over the global batch (``num_tokens``: its loss tokens): ``(loss, pre-clip norm)``,
+        the global token mean on every rank."""
+        import mindspore as ms
+
+        self.optimizer.learning_rate.set_data(ms.Tensor(np.float32(lr)))
+        self.network.sft_stats.set_data(ms.Tensor(np.zeros(1, np.float32)))
+        out = self._first_compile(self.train_cell, self._inputs(input_ids, resp_start, loss_mask, num_tokens))
+        stats, norm = _array(self.network.sft_stats), _scalar(out[-1])
+        if self.stage_group is not None:  # computed on the last stage only
+            stats, norm = _from_last_stage(stats, norm, *self.stage_group)
+        return float(stats[0]), norm
+
+    def logps(self, input_ids, resp_start) -> np.ndarray:
+        import mindspore as ms
+
+        return _array(self.logps_fn(ms.Tensor(input_ids), ms.Tensor(resp_start))).reshape(len(input_ids), self.R)
+
+    def save(self, run_dir: str, step: int, meta: dict, rank: int, keep: int) -> None:  # pylint: disable=arguments-differ
+        ShardedStep.save(self, run_dir, step, meta, rank, keep=keep)
+
+
+def build_sft_engine(plan, model, scfg, *, response_len: int, rows: int, world_size: int):
+    """The SFT engine the runtime ``plan`` names: :class:`ShardedSFT` under semi-auto parallel (``rows``: the global
+    batch), else :class:`LocalSFT` (each of ``world_size`` data-parallel ranks its share of ``rows``)."""
+    if plan is not None and plan.use_parallel:
+        _pipeline_ready(model, plan.layout)
+        return ShardedSFT(model, scfg, response_len, rows, plan)
+    return LocalSFT(model, scfg, response_len, world_size)
 
 
 # ----------------------------------------------------------------------------- the factory

@@ -147,12 +147,16 @@ class RLTrainer:
         check_rl_inputs(cfg, self.splits)
         self.tok = get_tokenizer(self.splits, tokenizer_dir, cfg)
         plan = init_runtime(cfg, world_size)
-        # semi-auto parallel from a Hugging Face checkpoint: no host holds the whole model; each rank's graphs
-        # compile first, then each parameter gets this rank's slice (engines.load_sliced_start)
+        # semi-auto parallel from a Hugging Face checkpoint, or from a sharded checkpoint of the same layout (the
+        # 8B / 14B SFT run): no host holds the whole model; each rank's graphs compile first, then each parameter
+        # gets this rank's slice (engines.load_sliced_start / load_sliced_init)
+        from recast_ms.trainer.sharded_checkpoint import is_sharded_step
+
+        sliced_init = bool(plan.use_parallel and init_checkpoint and is_sharded_step(init_checkpoint))
         sliced_start = bool(plan.use_parallel and cfg.hf_checkpoint and not init_checkpoint)
-        with deferred_parameters(sliced_start):
-            self.model = build_model(cfg, self.tok, seed=cfg.seed, load_weights=not sliced_start)
-        if init_checkpoint:  # weights only: the optimizer starts fresh
+        with deferred_parameters(sliced_start or sliced_init):
+            self.model = build_model(cfg, self.tok, seed=cfg.seed, load_weights=not (sliced_start or sliced_init))
+        if init_checkpoint and not sliced_init:  # weights only: the optimizer starts fresh
             tensors, _ = ckpt.load_state(init_checkpoint)
             ckpt.restore_model(self.model, tensors, path=init_checkpoint)
         cb = self.splits.codebook
@@ -189,6 +193,12 @@ class RLTrainer:
                             rows_per_host=self.est.actor_rows(self.P // (1 if plan.use_parallel else world_size), self.G),
                             rank=rank, world_size=world_size)
         self.engines = eng
+        # the layout of this rank's checkpoint slices (recast_ms.trainer.sharded_checkpoint): written by the actor
+        # update's first compile, so named before a sliced start compiles it just below
+        if plan.use_parallel:
+            from recast_ms.trainer.sharded_checkpoint import strategy_file
+
+            eng.policy.set_strategy_file(strategy_file(run_dir, rank))
         self.sliced_start = None
         if sliced_start:  # {"actor": n, "reference": n} parameters given their slices
             from recast_ms.trainer.engines import load_sliced_start
@@ -197,6 +207,12 @@ class RLTrainer:
             self.sliced_start = load_sliced_start(eng, lambda: hf_start_sources(cfg, self.model, cfg.seed), rank,
                                                   cfg.seq_length)
             logger.info("rank %d: sliced start from %s: %s", rank, cfg.hf_checkpoint, self.sliced_start)
+        elif sliced_init:  # weights only, as any --init: the optimizer starts fresh
+            from recast_ms.trainer.engines import load_sliced_init
+
+            self.sliced_start = load_sliced_init(eng, init_checkpoint, rank, cfg.seq_length)
+            logger.info("rank %d: sliced start from the sharded step %s: %s", rank, init_checkpoint, self.sliced_start)
+        self.sliced_from = "init" if sliced_init else "hf_checkpoint" if sliced_start else None
         # graph-mode selection (None for whole-group estimators). Under semi-auto parallel the [P, G] selection is
         # the same host work on every rank: a graph there would be sliced over the devices for nothing, and under
         # pipeline stages a graph with no stage does not compile ("Stage num is 2 is not equal to stage used: 0");
@@ -205,10 +221,6 @@ class RLTrainer:
         self.decoder, self.policy, self.reference = eng.rollout, eng.policy, eng.reference
         self.host_rank, self.host_world = eng.host_rank, eng.host_world
         self.batch_rows = self.policy.rows  # this host's actor rows
-        if plan.use_parallel:  # the layout of this rank's checkpoint slices (recast_ms.trainer.sharded_checkpoint)
-            from recast_ms.trainer.sharded_checkpoint import strategy_file
-
-            self.policy.set_strategy_file(strategy_file(run_dir, rank))
         self.actor_logps_fn = self.policy.logps_fn  # [B, R] response log-probs under the actor (tests, dry run)
         if len(rl_samples) < self.P:
             raise ValueError(f"{len(rl_samples)} RL prompts < rl.prompts_per_step={self.P}")

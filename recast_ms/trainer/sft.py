@@ -9,6 +9,10 @@ killed run resumes from the newest one and loses at most ``save_every`` steps.
 Data parallel under msrun (``recast-sft --distributed``): ``sft.batch_size`` is the global batch of a step;
 each rank takes its slice of the same seeded order, the loss is normalised by the global batch's response
 tokens, the optimizer cell averages the gradients and rank 0 alone writes (tokenizer, metrics, checkpoints).
+Under Ascend semi-auto parallel (TP / PP > 1, optimizer parallel) every rank feeds the whole global batch to the
+sharded engine (``recast_ms.trainer.engines.ShardedSFT``), each rank writes its own checkpoint slices, and a run
+from ``hf_checkpoint`` loads only this rank's slices after the train graph compiled. The loop below is the same for
+both engines (``build_sft_engine``).
 """
 from __future__ import annotations
 
@@ -24,8 +28,11 @@ from recast_ms.data.batching import EpochSampler, encode_prompts, encode_targets
 from recast_ms.trainer import checkpoint as ckpt
 from recast_ms.trainer import guard
 from recast_ms.trainer.distributed import mean_over_ranks, rank_slice
-from recast_ms.trainer.optim import Optimizer, cosine_lr
-from recast_ms.trainer.setup import build_model, get_tokenizer, init_runtime, load_splits, response_len
+from recast_ms.trainer.engines import build_sft_engine
+from recast_ms.trainer.optim import cosine_lr
+from recast_ms.trainer.setup import (build_model, deferred_parameters, get_tokenizer, hf_start_sources, init_runtime,
+                                     load_splits, response_len)
+from recast_ms.trainer.sharded_checkpoint import strategy_file
 from recast_ms.utils.tracking import MetricsLogger, StageTimer, peak_rss_mb
 
 logger = logging.getLogger(__name__)
@@ -79,10 +86,9 @@ def run_sft(cfg: RunConfig, run_dir: str, *, resume: bool = True, progress: bool
 
 def _run_sft(cfg: RunConfig, run_dir: str, held, resume: bool, progress: bool, stop_after: Optional[int],
              overwrite: bool, rank: int, world: int) -> Dict[str, float]:
-    import mindspore as ms
     from tqdm import tqdm
 
-    from recast_ms.models.policy import ResponseLogProbs, set_dropout
+    from recast_ms.models.policy import set_dropout
 
     last = ckpt.latest_checkpoint(run_dir) if resume else None
     if last:  # before anything is built: a checkpoint cannot continue under another shape
@@ -94,7 +100,7 @@ def _run_sft(cfg: RunConfig, run_dir: str, held, resume: bool, progress: bool, s
     tok_dir = os.path.join(run_dir, "tokenizer")
     # the tokenizer belongs to the run: reused on resume, made anew (and saved with config.yaml) otherwise
     tok = get_tokenizer(splits, tok_dir, cfg, reuse=bool(last), save=False)
-    init_runtime(cfg, world, stage="sft")
+    plan = init_runtime(cfg, world, stage="sft")
     # each rank made the tokenizer from the same data; a different one would train other ids (not under DryRun:
     # its collectives return dummies)
     if world > 1 and not os.environ.get("MS_SIMULATION_LEVEL"):
@@ -102,22 +108,31 @@ def _run_sft(cfg: RunConfig, run_dir: str, held, resume: bool, progress: bool, s
         mine = {"tok/vocab": float(tok.vocab_size), "tok/crc": float(zlib.crc32(pieces) % 65536)}  # exact in fp32
         if mean_over_ranks(mine, world) != mine:
             raise RuntimeError(f"rank {rank}: its tokenizer differs from the other ranks' (vocab {tok.vocab_size})")
-    model = build_model(cfg, tok, seed=cfg.seed, dropout=s.dropout)
+    # semi-auto parallel from a Hugging Face checkpoint (and not resuming): no host holds the whole model; the train
+    # graph compiles first, then each parameter gets this rank's slice
+    sliced_start = bool(plan.use_parallel and cfg.hf_checkpoint and not last)
+    with deferred_parameters(sliced_start):
+        model = build_model(cfg, tok, seed=cfg.seed, dropout=s.dropout, load_weights=not sliced_start)
     train_ids, train_start, train_mask = encode_split(splits.train, splits, tok, cfg)
     n_val = min(len(splits.valid), 4 * s.batch_size)
     val_ids, val_start, val_mask = encode_split(splits.valid[:n_val], splits, tok, cfg)
 
     R = response_len(splits)
-    # one micro-batch per step: forward, backward and AdamW in one graph, no gradient buffers
-    opt = Optimizer(_sft_loss_cell(model, R), model.trainable_params(), lr=s.lr, weight_decay=s.weight_decay,
-                    grad_clip=s.grad_clip, name="sft", fused=True, world_size=world)
+    engine = build_sft_engine(plan, model, s, response_len=R, rows=s.batch_size, world_size=world)
+    if engine.kind == "sharded":
+        engine.set_strategy_file(strategy_file(run_dir, rank))
+    if sliced_start:
+        set_dropout(model, True)  # the train graph compiles (once) as it will run
+        engine.compile_update(cfg.seq_length)
+        n = engine.load_slices(hf_start_sources(cfg, model, cfg.seed), rank)
+        logger.info("rank %d: sliced start from %s: %d parameters", rank, cfg.hf_checkpoint, n)
     # the batch of step t is a pure function of (seed, t): a resume needs the step alone
     batches = EpochSampler(len(train_ids), s.batch_size, cfg.seed, chained=True)
     step = 0
     if last:
-        step = ckpt.load_train_state(last, model, opt)["step"]
+        step = engine.load(last)["step"]
         logger.info("resumed SFT from %s (step %d)", last, step)
-    writer = rank == 0  # under msrun rank 0 alone writes the run directory
+    writer = rank == 0  # under msrun rank 0 alone writes the run directory (and each rank its own slices)
     if writer:
         ckpt.claim_run_dir(run_dir, cfg, resumed=bool(last), outputs=("tokenizer", "sft_metrics.jsonl", "tb"),
                            overwrite=overwrite)  # a new run clears the old run's files first
@@ -125,13 +140,11 @@ def _run_sft(cfg: RunConfig, run_dir: str, held, resume: bool, progress: bool, s
             tok.save(tok_dir)
     if step >= s.steps:
         logger.warning("%s: SFT is already at step %d (sft.steps=%d): nothing to train", run_dir, step, s.steps)
-    logps_fn = ResponseLogProbs(model, R)
     log = MetricsLogger(run_dir, resume_step=step if last else None, filename="sft_metrics.jsonl") if writer else None
     timer = StageTimer()
 
     def save(at_step):
-        if writer:
-            ckpt.save_train_state(run_dir, at_step, model, opt, {"phase": "sft"}, what="SFT", keep=s.keep_checkpoints)
+        engine.save(run_dir, at_step, {"phase": "sft"}, rank, keep=s.keep_checkpoints)
 
     def val_loss() -> float:
         set_dropout(model, False)  # the validation graph compiles (and so stays) without dropout
@@ -144,7 +157,7 @@ def _run_sft(cfg: RunConfig, run_dir: str, held, resume: bool, progress: bool, s
                 ids = np.concatenate([ids, ids[:pad]])
                 start = np.concatenate([start, start[:pad]])
                 mask = np.concatenate([mask, np.zeros_like(mask[:pad])])
-            lp = logps_fn(ms.Tensor(ids), ms.Tensor(start)).asnumpy()
+            lp = engine.logps(ids, start)
             tot += float(-(lp * mask).sum())
             cnt += float(mask.sum())
         set_dropout(model, True)  # back to the training step's graph (compiled with dropout; a no-op at 0)
@@ -160,12 +173,11 @@ def _run_sft(cfg: RunConfig, run_dir: str, held, resume: bool, progress: bool, s
         held.step = step
         lr = cosine_lr(step, s.steps, s.lr, s.warmup_steps, s.min_lr_ratio)
         global_idx = batches.at(step)
-        idx = rank_slice(global_idx, rank, world)  # this rank's rows of the global batch
-        num_tokens = ms.Tensor(np.float32(max(float(train_mask[global_idx].sum()), 1.0) / world))
+        # this rank's rows of the global batch (all of them under semi-auto parallel: host_world = 1)
+        idx = rank_slice(global_idx, rank if engine.host_world > 1 else 0, engine.host_world)
+        num_tokens = max(float(train_mask[global_idx].sum()), 1.0) / engine.host_world
         with timer("step"):
-            outs, grad_norm = opt.train_step(
-                [(ms.Tensor(train_ids[idx]), ms.Tensor(train_start[idx]), ms.Tensor(train_mask[idx]), num_tokens)], lr)
-        loss = float(outs[0][0].asnumpy())
+            loss, grad_norm = engine.train_step(train_ids[idx], train_start[idx], train_mask[idx], num_tokens, lr)
         guard.check_step("SFT", step + 1, {"loss": loss, "grad_norm": grad_norm}, run_dir)
         grad_norms.append(grad_norm)
         step += 1
@@ -175,7 +187,8 @@ def _run_sft(cfg: RunConfig, run_dir: str, held, resume: bool, progress: bool, s
         if step % s.log_every == 0 or step == s.steps:
             since = step - last_log
             last_log = step
-            loss = mean_over_ranks({"sft/loss": loss}, world)["sft/loss"]  # the global batch's token mean
+            # the global batch's token mean (under semi-auto parallel each rank already holds it)
+            loss = mean_over_ranks({"sft/loss": loss}, engine.host_world)["sft/loss"]
             metrics = {"sft/loss": loss, "sft/lr": lr, "sft/grad_norm": grad_norm, "sft/epoch": batches.epoch_of(step - 1),
                        "perf/peak_rss_mb": peak_rss_mb(),
                        # seconds per step over the interval; memory_mb/* as measured

@@ -174,25 +174,26 @@ def layouts(strategy: str) -> dict:
     return out
 
 
-def slice_for_rank(full: np.ndarray, dev_matrix, tensor_map, rank: int) -> np.ndarray:
-    """The slice of ``full`` that ``rank`` holds under (``dev_matrix``, ``tensor_map``): MindSpore's rule
-    (``tensor_map[i]`` names the device-matrix axis, counted from the right, that splits tensor axis ``i``;
-    -1 = not split)."""
+def axis_splits(dev_matrix, tensor_map, rank: int) -> list:
+    """``[(parts, index)]`` per tensor axis: into how many parts (``dev_matrix``, ``tensor_map``) splits it and which
+    of them ``rank`` holds (MindSpore's rule: ``tensor_map[i]`` names the device-matrix axis, counted from the right,
+    that splits tensor axis ``i``; -1 = not split). Two layouts that give every rank the same splits are the same
+    layout, however their device matrices are written (``[2, 2]`` or ``[2, 1, 2]``)."""
     dev = list(dev_matrix)
     coord, r = [], rank
     for size in reversed(dev):  # rank -> device-matrix coordinate (the last axis varies fastest)
         coord.append(r % size)
         r //= size
     coord = coord[::-1]
+    return [(1, 0) if m == -1 else (dev[len(dev) - 1 - m], coord[len(dev) - 1 - m]) for m in tensor_map]
+
+
+def slice_for_rank(full: np.ndarray, dev_matrix, tensor_map, rank: int) -> np.ndarray:
+    """The slice of ``full`` that ``rank`` holds under (``dev_matrix``, ``tensor_map``) (:func:`axis_splits`)."""
     index = []
-    for axis, m in enumerate(tensor_map):
-        if m == -1:
-            index.append(slice(None))
-            continue
-        dev_axis = len(dev) - 1 - m
-        parts = dev[dev_axis]
+    for axis, (parts, i) in enumerate(axis_splits(dev_matrix, tensor_map, rank)):
         n = full.shape[axis] // parts
-        index.append(slice(coord[dev_axis] * n, (coord[dev_axis] + 1) * n))
+        index.append(slice(i * n, (i + 1) * n))
     return full[tuple(index)]
 
 
@@ -250,5 +251,59 @@ def load_slices(params, layouts: dict, sources, rank: int, *, strip: str = "") -
                                   f"{list(piece.shape)}, the compiled graph holds {list(param.shape)}")
         param.set_data(ms.Tensor(np.ascontiguousarray(piece), param.dtype), param.sliced)
         if getattr(param, "init_param", True) is False:  # as load_param_into_net does for no_init_parameters
+            param.init_param = True
+    return len(params)
+
+
+def is_sharded_step(path: str) -> bool:
+    """Whether ``path`` is a step directory of per-rank slices (rank 0's ``meta.json`` marks it ``sharded``)."""
+    try:
+        with open(os.path.join(path, META), encoding="utf-8") as f:
+            return bool(json.load(f).get("sharded"))
+    except (OSError, ValueError):
+        return False
+
+
+def load_rank_model_slices(params, compiled_layouts: dict, step_dir: str, rank: int, *, strip: str = "") -> int:
+    """Give each parameter of a compiled semi-auto-parallel graph the slice rank ``rank`` saved in ``step_dir`` (a
+    run on the same layout, e.g. the SFT run an RL run starts from): model weights only, no host ever holding a
+    whole tensor. ``params``, ``compiled_layouts`` (the graph's ``parameter_layout_dict``) and ``strip`` as
+    :func:`load_slices`. The saved layout of every parameter must be the compiled one (the strategy file saved
+    beside the slices); a step of another layout is refused, naming :func:`transform`. Where optimizer parallel
+    splits a parameter once more over its group and the saved slice is the whole model-parallel slice (MindSpore's
+    integrated save), this rank's part is cut from it along the first axis. Returns how many parameters were set."""
+    import mindspore as ms
+
+    from recast_ms.models.weights import CheckpointError, _check_names
+
+    rdir = rank_dir(step_dir, rank)
+    state, strategy = os.path.join(rdir, STATE.format(rank=rank)), os.path.join(rdir, STRATEGY)
+    if not os.path.exists(state):
+        raise CheckpointError(f"sharded checkpoint {step_dir}: no slices for rank {rank} ({state}); a step of "
+                              "another world size must be transformed first (sharded_checkpoint.transform)")
+    saved_layouts = layouts(strategy) if os.path.exists(strategy) else {}
+    wanted = {name: name[len(strip):] if strip and name.startswith(strip) else name for name in params}
+    saved = ms.load_checkpoint(state, choice_func=lambda n: n in set(wanted.values()))
+    _check_names(state, list(wanted.values()), saved, False, "no slice for model parameter(s) ", "")
+    for name, param in params.items():
+        src = wanted[name]
+        lay = compiled_layouts.get(name)
+        if lay is not None and src in saved_layouts:
+            dev, tmap, _ = saved_layouts[src]
+            if axis_splits(dev, tmap, rank) != axis_splits(lay[0], lay[1], rank):
+                raise CheckpointError(
+                    f"{step_dir}: {src!r} was saved under device matrix {dev} / tensor map {tmap}, this graph "
+                    f"holds it as {list(lay[0])} / {list(lay[1])}: transform the step onto this layout first "
+                    "(recast_ms.trainer.sharded_checkpoint.transform) or start from its merged checkpoint")
+        piece = saved[src].asnumpy()
+        if tuple(piece.shape) != tuple(param.shape) and lay is not None and len(lay) > 5 and lay[5]:
+            from mindspore.communication import get_group_size, get_rank
+
+            piece = np.split(piece, get_group_size(lay[5]), axis=0)[get_rank(lay[5])]
+        if tuple(piece.shape) != tuple(param.shape):
+            raise CheckpointError(f"{state}: the slice of {src!r} has shape {list(piece.shape)}, the compiled graph "
+                                  f"holds {list(param.shape)}: saved on another layout (transform it first)")
+        param.set_data(ms.Tensor(np.ascontiguousarray(piece), param.dtype), param.sliced)
+        if getattr(param, "init_param", True) is False:
             param.init_param = True
     return len(params)
