@@ -144,9 +144,10 @@ def _stage_params(s: Shape, tp: int, pp: int) -> float:
 # DryRun's memory tracker puts its peak inside the AdamW step, where the gradients live only as that step's
 # element-wise temporaries (the clip's scaled copy, AdamW's Mul / Sub outputs), split with the weights by the
 # optimizer shard: 2.35 x the fp32 weights per device at Qwen3-14B DP 1 x TP 8, 2.38 x at 8B DP 2 x TP 4 with
-# optimizer parallel (docs/bench/dryrun_scale/memory_*.json), never below one whole fp32 gradient (8B at DP 4
-# grows by the planner's 4 B per parameter of whole gradients, not by 2.36 x 4 / 4). The accumulating step
-# (GRPO's micro-batches) keeps whole fp32 gradients beside its accu_grads (fitted against the same compiles).
+# optimizer parallel (docs/bench/dryrun_scale/memory_*.json); 8B at DP 4 x TP 4 agrees within 4% with 2.36 / 4 (an
+# earlier floor of one whole fp32 gradient was fitted to a compile that still held the lazy-inline weight copy).
+# The accumulating step (GRPO's micro-batches) keeps whole fp32 gradients beside its accu_grads (fitted against the
+# same compiles).
 OPT_STEP_TEMPORARIES = 2.36
 
 
@@ -159,7 +160,7 @@ def plan_ascend(s: Shape, *, dp: int, tp: int, pp: int, micro_batch_num: int, op
     n_dev = _stage_params(s, tp, pp)
     shard = dp if optimizer_parallel else 1
     semi_auto = rollout_engine == "sharded_full_forward"
-    grads = n_dev * 4.0 * (max(1.0, OPT_STEP_TEMPORARIES / shard) if semi_auto and not accumulate else 1.0)
+    grads = n_dev * 4.0 * (OPT_STEP_TEMPORARIES / shard if semi_auto and not accumulate else 1.0)
     t = {"params": n_dev * pb / shard, "grads": grads, "optimizer": n_dev * 8.0 / shard,
          "optimizer_no_opt_parallel": n_dev * 8.0, "optimizer_opt_parallel": n_dev * 8.0 / dp,
          # the reference is a second model of the actor's config and layout: its params_dtype, sharded as the
@@ -352,8 +353,9 @@ def default_layout(model_yaml: str, devices: int, tp: int = 0, pp: int = 0) -> d
 def plan_report(model_yaml: str, devices: int, device_memory_gb: float, *, group_size: int, prompts: int,
                 micro_batch_size: int = 128, seq_length: Optional[int] = None, kl: bool = True,
                 optimizer_parallel: Optional[bool] = None, recompute: Optional[bool] = None, tp: int = 0,
-                pp: int = 0) -> dict:
-    """Per-device plan for grpo (``[P*G, T]``) and recast (``[2P, T]``) on Ascend, plus the CPU calibration."""
+                pp: int = 0, sft_batch: int = 0) -> dict:
+    """Per-device plan for grpo (``[P*G, T]``) and recast (``[2P, T]``) on Ascend, plus the CPU calibration;
+    with ``sft_batch`` (> 0, global rows) also the SFT step (``sft``: no reference, no rollout, one micro-batch)."""
     s = load_shape(model_yaml, seq_length=seq_length)
     lay = default_layout(model_yaml, devices, tp, pp)
     if optimizer_parallel is not None:
@@ -385,6 +387,15 @@ def plan_report(model_yaml: str, devices: int, device_memory_gb: float, *, group
                     # the runtime plan refuses P that DP does not divide (data parallel: whole groups per rank),
                     # or a micro-batch that DP (x pipeline micro-batches) does not divide (semi-auto)
                     "batch_divides": prompts % lay["dp"] == 0 if dp_path else micro % split == 0}
+    if sft_batch:
+        t = plan_ascend(s, dp=lay["dp"], tp=lay["tp"], pp=lay["pp"], micro_batch_num=lay["micro_batch_num"],
+                        optimizer_parallel=lay["optimizer_parallel"], recompute=lay["recompute"],
+                        seq_parallel=lay["seq_parallel"], flash=lay["flash"], train_rows=sft_batch, rollout_rows=0,
+                        seq=s.seq_length, kl=False, rollout_engine=engine)
+        gb = {k: round(v / GB, 3) for k, v in t.items()}
+        out["sft"] = {"actor_rows": sft_batch, "micro_rows": sft_batch, "actor_tokens": sft_batch * s.seq_length,
+                      "terms_gb": gb, "total_gb": gb["total"], "fits": bool(gb["total"] <= out["usable_gb"]),
+                      "batch_divides": sft_batch % (lay["dp"] * (lay["micro_batch_num"] if lay["pp"] > 1 else 1)) == 0}
     out["actor_tokens_ratio"] = round(out["grpo"]["actor_tokens"] / out["recast"]["actor_tokens"], 2)
     out["peak_memory_change"] = round(out["recast"]["total_gb"] / out["grpo"]["total_gb"] - 1.0, 4)
     cal = calibrate()

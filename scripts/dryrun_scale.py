@@ -71,10 +71,13 @@ def run(args) -> int:
         t0 = time.time()
         print(f"[{i + 1}/{len(todo)}] {os.path.basename(path)}: compiling", flush=True)
         extra = EXTRA.get(model, [])
-        report = dryrun(os.path.join(ROOT, config), [f"rl.estimator={est}", "runtime.world_size=0", *extra], world,
-                        [rank], phases=["rl"], timeout=args.timeout, layers=layers)
-        report["command"] = (f"recast-dryrun --config {config} --world-size {world} --ranks {rank} --phases rl "
-                             f"--layers {layers} rl.estimator={est} runtime.world_size=0 {' '.join(extra)}").strip()
+        # "sft" compiles the SFT step (engines.ShardedSFT on the RL run's layout) in place of an RL estimator's step
+        phase, est_arg = ("sft", []) if est == "sft" else ("rl", [f"rl.estimator={est}"])
+        report = dryrun(os.path.join(ROOT, config), [*est_arg, "runtime.world_size=0", *extra], world,
+                        [rank], phases=[phase], timeout=args.timeout, layers=layers)
+        report["command"] = (f"recast-dryrun --config {config} --world-size {world} --ranks {rank} --phases {phase} "
+                             f"--layers {layers} {' '.join(est_arg)} runtime.world_size=0 {' '.join(extra)}"
+                             ).replace("  ", " ").strip()
         report["wall_s"] = round(time.time() - t0, 1)
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
@@ -89,7 +92,7 @@ def summary(args) -> dict:
     rows = {}
     for model, (config, full_depth) in MODELS.items():
         for world in WORLDS[model]:
-            for est in ESTIMATORS:
+            for est in ESTIMATORS + ("sft",):
                 for rank in sorted({0, world - 1}):
                     peaks = {}
                     for layers in DEPTHS:
@@ -181,7 +184,7 @@ def planned_mb(model: str, world: int, estimator: str) -> int:
     plan = plan_runtime(cfg, "Ascend", world)
     rep = plan_report(cfg.model_config, world, 64, group_size=cfg.rl.group_size, prompts=cfg.rl.prompts_per_step,
                       micro_batch_size=cfg.rl.micro_batch_size, seq_length=cfg.seq_length,
-                      tp=plan.layout.model_parallel, pp=plan.layout.pipeline_stage)
+                      tp=plan.layout.model_parallel, pp=plan.layout.pipeline_stage, sft_batch=cfg.sft.batch_size)
     return round(rep[estimator]["total_gb"] * 1024)
 
 
@@ -192,7 +195,8 @@ def main() -> int:
     p.add_argument("--ranks", default="both", choices=("first", "last", "both"))
     p.add_argument("--layers", default=",".join(map(str, DEPTHS)),
                    help="depths to compile, comma-separated (default: 2,4; the summary extrapolates from both)")
-    p.add_argument("--estimators", default=",".join(ESTIMATORS), help="comma-separated (default: recast,grpo)")
+    p.add_argument("--estimators", default=",".join(ESTIMATORS),
+                   help="comma-separated (default: recast,grpo); 'sft' compiles the SFT step instead")
     p.add_argument("--timeout", type=float, default=3600.0)
     p.add_argument("--summary", action="store_true", help="only write summary.json from the finished JSONs")
     p.add_argument("--reports", default=None, help="read the per-cell JSONs from here (default: --out)")
