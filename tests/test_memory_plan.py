@@ -98,6 +98,14 @@ def test_report_grpo_vs_recast_and_fits():
     assert not small["grpo"]["fits"] and not small["recast"]["fits"]
     with pytest.raises(ValueError, match="not divisible by TP x PP"):
         mp.plan_report("model_configs/qwen3_14b.yaml", 12, 64, group_size=32, prompts=16)
+    # the SFT step on the same layout: no reference model, no rollout, the one-step cell's temporaries; its 32 rows
+    # at seq 64 are ReCast's actor batch, so it is ReCast's step less the reference (weights and forward)
+    sft = mp.plan_report("model_configs/qwen3_8b.yaml", 8, 64, group_size=32, prompts=16, sft_batch=32, seq_length=64)
+    rc = mp.plan_report("model_configs/qwen3_8b.yaml", 8, 64, group_size=32, prompts=16, seq_length=64)["recast"]
+    s_t, r_t = sft["sft"]["terms_gb"], rc["terms_gb"]
+    assert s_t["reference"] == s_t["ref_forward"] == s_t["rollout"] == 0 and s_t["grads"] == r_t["grads"]
+    assert sft["sft"]["total_gb"] == pytest.approx(rc["total_gb"] - r_t["reference"], abs=2e-3)
+    assert "sft" not in rep  # only when asked
 
 
 def test_calibration_on_the_shipped_records():
