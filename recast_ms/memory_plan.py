@@ -149,18 +149,26 @@ def _stage_params(s: Shape, tp: int, pp: int) -> float:
 # The accumulating step (GRPO's micro-batches) keeps whole fp32 gradients beside its accu_grads (fitted against the
 # same compiles).
 OPT_STEP_TEMPORARIES = 2.36
+# The data-parallel path's fused step (recast_ms.trainer.optim.FusedStep: forward, backward, clip and AdamW in one
+# graph, no gradient buffers) holds about two fp32 gradients per parameter in DryRun's plan, not one: fitted on the
+# four full-depth compiles (Qwen3-0.6B / 1.7B, SFT and ReCast, 8 ranks: 1.92 / 2.10 / 1.98 / 2.12, each within 2%
+# of 2.0 x 4 B); which temporaries they are is not identified (no memory-tracker breakdown of that graph).
+DP_FUSED_STEP_GRADS = 2.0
 
 
 def plan_ascend(s: Shape, *, dp: int, tp: int, pp: int, micro_batch_num: int, optimizer_parallel: bool,
                 recompute: bool, seq_parallel: bool, flash: bool, train_rows: int, rollout_rows: int,
                 seq: int, kl: bool = True, rollout_engine: str = "sharded_full_forward",
-                rollout_chunk: int = 256, accumulate: bool = False) -> Dict[str, float]:
+                rollout_chunk: int = 256, accumulate: bool = False, fused: bool = False) -> Dict[str, float]:
     """Per-device bytes of each term (see the module docstring); ``total`` = resident + the largest phase."""
     pb, cb = DTYPE_BYTES[s.params_dtype], DTYPE_BYTES[s.compute_dtype]
     n_dev = _stage_params(s, tp, pp)
     shard = dp if optimizer_parallel else 1
     semi_auto = rollout_engine == "sharded_full_forward"
-    grads = n_dev * 4.0 * (OPT_STEP_TEMPORARIES / shard if semi_auto and not accumulate else 1.0)
+    if semi_auto:
+        grads = n_dev * 4.0 * (1.0 if accumulate else OPT_STEP_TEMPORARIES / shard)
+    else:  # the data-parallel path: the fused one-graph step, or gradient buffers filled per micro-batch
+        grads = n_dev * 4.0 * (DP_FUSED_STEP_GRADS if fused else 1.0)
     t = {"params": n_dev * pb / shard, "grads": grads, "optimizer": n_dev * 8.0 / shard,
          "optimizer_no_opt_parallel": n_dev * 8.0, "optimizer_opt_parallel": n_dev * 8.0 / dp,
          # the reference is a second model of the actor's config and layout: its params_dtype, sharded as the
@@ -379,7 +387,8 @@ def plan_report(model_yaml: str, devices: int, device_memory_gb: float, *, group
                         rollout_rows=prompts * group_size, seq=s.seq_length, kl=kl, rollout_engine=engine,
                         # semi-auto only: on the data-parallel path DryRun shows no such term (0.6B GRPO's
                         # two-micro-batch step peaks below ReCast's fused one)
-                        accumulate=not dp_path and rows > micro)
+                        accumulate=not dp_path and rows > micro,
+                        fused=dp_path and rows // lay["dp"] <= micro_batch_size)
         gb = {k: round(v / GB, 3) for k, v in t.items()}
         split = lay["dp"] * (lay["micro_batch_num"] if lay["pp"] > 1 else 1)
         out[est] = {"actor_rows": rows, "micro_rows": micro, "actor_tokens": rows * s.seq_length,
@@ -391,7 +400,7 @@ def plan_report(model_yaml: str, devices: int, device_memory_gb: float, *, group
         t = plan_ascend(s, dp=lay["dp"], tp=lay["tp"], pp=lay["pp"], micro_batch_num=lay["micro_batch_num"],
                         optimizer_parallel=lay["optimizer_parallel"], recompute=lay["recompute"],
                         seq_parallel=lay["seq_parallel"], flash=lay["flash"], train_rows=sft_batch, rollout_rows=0,
-                        seq=s.seq_length, kl=False, rollout_engine=engine)
+                        seq=s.seq_length, kl=False, rollout_engine=engine, fused=dp_path)
         gb = {k: round(v / GB, 3) for k, v in t.items()}
         out["sft"] = {"actor_rows": sft_batch, "micro_rows": sft_batch, "actor_tokens": sft_batch * s.seq_length,
                       "terms_gb": gb, "total_gb": gb["total"], "fits": bool(gb["total"] <= out["usable_gb"]),

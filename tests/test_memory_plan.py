@@ -48,6 +48,12 @@ def test_ascend_terms_follow_the_layout():
     assert dp4["grads"] == pytest.approx(n_dev * 4 * 2.36 / 4)
     _, acc = _plan(accumulate=True)  # the accumulating step keeps whole fp32 gradients
     assert acc["grads"] == pytest.approx(n_dev * 4)
+    # the data-parallel path (TP = PP = 1, KV decoder): the fused one-graph step holds two fp32 gradients
+    dp_args = dict(tp=1, dp=8, optimizer_parallel=False, rollout_engine="kv_decoder")
+    s, fused = _plan(fused=True, **dp_args)
+    _, buffered = _plan(**dp_args)
+    assert fused["grads"] == pytest.approx(s.num_params * 4 * mp.DP_FUSED_STEP_GRADS)
+    assert buffered["grads"] == pytest.approx(s.num_params * 4)
     assert t["optimizer"] == pytest.approx(n_dev * 8 / 2) and t["optimizer_no_opt_parallel"] == pytest.approx(n_dev * 8)
     assert t["reference"] == pytest.approx(n_dev * 4 / 2)  # the actor's params dtype (fp32), sharded as its weights
     _, no_op = _plan(optimizer_parallel=False)
