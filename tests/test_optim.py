@@ -113,3 +113,40 @@ def test_cosine_schedule():
     assert cosine_lr(100, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
     mid = cosine_lr(55, 100, 1.0, 10, 0.1)
     assert 0.5 < mid < 0.6
+
+
+class _ManyParams(nn.Cell):
+    """``n`` tiny tensors: the per-parameter loops of the optimizer cells set the graph's call depth."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.ps = ms.ParameterTuple(
+            [ms.Parameter(ms.Tensor(np.full((2, 2), 0.5, np.float32)), name=f"mp{i}") for i in range(n)])
+
+    def construct(self, x):
+        y = x
+        for p in self.ps:
+            y = y + (p * p).sum()
+        loss = y.sum()
+        return loss, loss * 2
+
+
+def test_optimizer_compiles_past_the_default_call_depth():
+    # 120 tensors need more than a call depth of 400 (measured: the step fails to compile at 400 without
+    # ensure_call_depth); the optimizer raises the limit by its parameter count, as Qwen3-1.7B's 311 tensors
+    # need above the default 1000
+    from recast_ms.trainer import optim
+
+    ms.set_recursion_limit(400)
+    optim._call_depth[0] = 400
+    try:
+        net = _ManyParams(120)
+        opt = Optimizer(net, net.trainable_params(), lr=0.1, name="many")
+        assert optim._call_depth[0] >= 120 * optim.CALL_DEPTH_PER_PARAM
+        x = ms.Tensor(np.ones(2, np.float32))
+        _, norm = opt.train_step([(x,)], lr=0.1)
+        # d loss / d p = 2 * 2p per element (two output entries): 2.0 for each of 120 x 4 entries
+        assert norm == pytest.approx(np.sqrt(120 * 4 * 2.0**2), rel=1e-5)
+        assert float(net.ps[0].asnumpy()[0, 0]) < 0.5  # the step moved the parameters down the gradient
+    finally:
+        ms.set_recursion_limit(max(1000, optim._call_depth[0]))
