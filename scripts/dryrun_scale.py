@@ -129,6 +129,7 @@ def summary(args) -> dict:
                    "extrapolated per layer from 2- and 4-layer compiles of the real width; planned_mb: "
                    "recast_ms.memory_plan at the same settings",
            "rows": rows}
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(out, f, indent=1)
     for key, row in rows.items():
