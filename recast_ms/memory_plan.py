@@ -33,8 +33,8 @@ reference forward and the grad graph at ``train_rows``), ``train_rows``, ``rollo
 """
 from __future__ import annotations
 
-import json
 import functools
+import json
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence

@@ -35,8 +35,6 @@ from mindspore.common.initializer import initializer
 # 600 parameters compiled at 4000 and 1,200 at 8000 on the default 8 MiB stack.
 CALL_DEPTH_PER_PARAM = 4
 CALL_DEPTH_BASE = 1000
-
-
 _call_depth = [0]  # the limit this module set: ms.set_recursion_limit has no getter (get_context does not see it)
 
 
