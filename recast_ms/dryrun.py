@@ -167,6 +167,7 @@ def run_phase(config: Optional[str], overrides: Sequence[str], world_size: int, 
                                 stdout=log, stderr=subprocess.STDOUT)
         deadline = t0 + timeout
         status, usage = 0, None
+        spin = _SpinDemoter(proc.pid)
         while True:  # wait4: this child's own peak RSS (getrusage(RUSAGE_CHILDREN) would mix ranks)
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
@@ -175,6 +176,7 @@ def run_phase(config: Optional[str], overrides: Sequence[str], world_size: int, 
                 proc.kill()
                 _, status, usage = os.wait4(proc.pid, 0)
                 break
+            spin.poll()
             time.sleep(0.5)
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.time() - t0
@@ -448,6 +450,47 @@ def _check_slices(cfg, engines, rank: int, loaded) -> dict:
                 report["max_abs_diff"] = max(report["max_abs_diff"], diff)
                 report["equal"] += int(diff == 0.0)
     return report
+
+
+class _SpinDemoter:
+    """MindSpore's simulated ACL runtime answers ``aclrtProcessReport`` at once, so each stream's callback thread
+    (an unnamed thread of the Ascend resource manager) busy-waits for the whole DryRun: five of them took ~1.6 of
+    the 2 cores while the worker's main thread compiled (seen 2026-12-07 with gdb: ``SimuFuncIaclrtProcessReport``).
+    Polled by the parent while it waits (the worker's own Python threads cannot run while a compile holds the GIL):
+    every unnamed thread of the worker but its main one that ran more than a fifth of the time since the last poll
+    moves to ``SCHED_IDLE``, so it runs only on a core nothing else wants. Nothing else computes off the main thread
+    (the device is mocked), and a scheduling class changes no result."""
+
+    def __init__(self, pid: int):
+        self.pid, self.ticks, self.demoted = pid, {}, set()
+        self.last = time.time()
+
+    def poll(self) -> None:
+        if not hasattr(os, "SCHED_IDLE"):  # Linux only
+            return
+        now = time.time()
+        window, self.last = now - self.last, now
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{self.pid}/task")]
+        except OSError:
+            return
+        for tid in tids:
+            try:
+                with open(f"/proc/{self.pid}/task/{tid}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            name, fields = stat[stat.index("(") + 1: stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+            used = int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+            before, self.ticks[tid] = self.ticks.get(tid), used
+            if tid == self.pid or tid in self.demoted or name != "python" or before is None:
+                continue
+            if used - before > os.sysconf("SC_CLK_TCK") * window / 5:
+                try:
+                    os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+                except OSError:
+                    pass
+                self.demoted.add(tid)
 
 
 def worker(workdir: str) -> int:

@@ -1,13 +1,14 @@
 """recast-dryrun: the micro model's graphs compile for Ascend under MindSpore's DryRun (no Ascend here).
 
 The compile tests need the CANN stand-in (``../shared/tools/ascend-dryrun/build.sh``, gcc); they skip, saying
-why, only when it cannot be built. About 6 minutes on the 2-core machine (the tensor-parallel RL step: ~1 min
-per rank).
+why, only when it cannot be built. About 3 minutes on the 2-core machine (the tensor-parallel RL step: ~30 s
+per rank, once the simulated runtime's busy-waiting threads are demoted: dryrun._SpinDemoter).
 """
 import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -35,6 +36,30 @@ def test_parse_peaks_reads_mindsporess_release_lines():
            "Used peak memory usage (without fragments): 23716M\nActual peak memory usage (with fragments): 26244M\n")
     assert dr.parse_peaks(log) == {"peak_mb": 23716, "peak_with_fragments_mb": 26244}
     assert dr.parse_peaks("no statistics") == {"peak_mb": None, "peak_with_fragments_mb": None}
+
+
+def test_busy_waiting_threads_are_demoted_and_the_main_thread_is_not():
+    # a child whose second thread spins like the simulated runtime's callback threads, its main thread asleep
+    code = ("import threading, time, sys\n"
+            "def spin():\n    while True: pass\n"
+            "threading.Thread(target=spin, daemon=True).start()\nprint(threading.get_native_id(), flush=True)\n"
+            "time.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        main = int(child.stdout.readline())
+        spin = dr._SpinDemoter(child.pid)
+        spin.poll()
+        deadline = time.time() + 20
+        while not spin.demoted and time.time() < deadline:
+            time.sleep(0.5)
+            spin.poll()
+        spinners = [t for t in map(int, os.listdir(f"/proc/{child.pid}/task")) if t != main]
+        assert spin.demoted == set(spinners) and len(spinners) == 1, (spin.demoted, spinners)
+        assert os.sched_getscheduler(spinners[0]) == os.SCHED_IDLE
+        assert os.sched_getscheduler(main) == os.SCHED_OTHER  # the compiling thread keeps its priority
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_missing_stub_is_reported_not_raised(tmp_path):
@@ -145,10 +170,9 @@ def test_tensor_parallel_recast_step_compiles_on_the_first_rank(stub, tmp_path):
 
 def test_grpo_tensor_parallel_step_accumulates_micro_batches_on_the_last_rank(stub, tmp_path):
     # [P*G, T] = 16 rows in micro-batches of 8: MindFormers' GradAccumulationCellWithMultiOutputs under its
-    # accumulating one-step cell, with optimizer parallel (its micro-step AllGather needs the accu_grads buffers).
-    # One decoder layer (the layout repeats per layer; the two-layer graphs compile in the recast test): ~1/3 faster
+    # accumulating one-step cell, with optimizer parallel (its micro-step AllGather needs the accu_grads buffers)
     report = dr.dryrun(None, MICRO_TP + ["rl.estimator=grpo", "runtime.optimizer_parallel=true"], world_size=4,
-                       ranks=[3], phases=["rl"], stub=stub, scratch=str(tmp_path), timeout=900, layers=1)
+                       ranks=[3], phases=["rl"], stub=stub, scratch=str(tmp_path), timeout=900)
     assert report["error"] is None, report["error"]
     r = report["ranks"]["3"]
     assert r["compiled"] is True and "rl/actor_update_grpo" in r["graphs"], r
