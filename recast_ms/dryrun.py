@@ -472,6 +472,8 @@ class _SpinDemoter:
         window, self.last = now - self.last, now
         try:
             tids = [int(t) for t in os.listdir(f"/proc/{self.pid}/task")]
+            with open(f"/proc/{self.pid}/comm") as f:
+                unnamed = f.read().strip()  # a thread nobody named keeps the process's name ("python", "python3")
         except OSError:
             return
         for tid in tids:
@@ -483,7 +485,7 @@ class _SpinDemoter:
             name, fields = stat[stat.index("(") + 1: stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
             used = int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
             before, self.ticks[tid] = self.ticks.get(tid), used
-            if tid == self.pid or tid in self.demoted or name != "python" or before is None:
+            if tid == self.pid or tid in self.demoted or name != unnamed or before is None:
                 continue
             if used - before > os.sysconf("SC_CLK_TCK") * window / 5:
                 try:
