@@ -151,7 +151,7 @@ def _choose_sft(preset, sft_dirs, out, report_only, py):
 
     rec, written = record_once(path, make)
     for key, r in rec.items():
-        print(f"[grid] SFT {key}: start from step {r['step']} (valid {r['metric']} {r['valid'][str(r['step'])]:.4f})"
+        print(f"[grid] SFT {key}: start from step {r['step']} ({r['metric']} {r['valid'][str(r['step'])]:.4f})"
               + ("" if written else f", recorded in {path}"), flush=True)
     return {k: v["checkpoint"] for k, v in rec.items()}
 
