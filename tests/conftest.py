@@ -45,5 +45,4 @@ def pytest_collection_modifyitems(config, items):
             seconds = json.load(f)
     except (OSError, ValueError):
         return
-    order = {id(item): i for i, item in enumerate(items)}
-    items.sort(key=lambda item: (-seconds.get(item.nodeid, 0), order[id(item)]))
+    items.sort(key=lambda item: -seconds.get(item.nodeid, 0))  # stable: the rest keep their order
