@@ -463,7 +463,7 @@ class _SpinDemoter:
 
     def __init__(self, pid: int):
         self.pid, self.ticks, self.demoted = pid, {}, set()
-        self.last = time.time()
+        self.last, self.hz = time.time(), os.sysconf("SC_CLK_TCK")
 
     def poll(self) -> None:
         if not hasattr(os, "SCHED_IDLE"):  # Linux only
@@ -487,7 +487,7 @@ class _SpinDemoter:
             before, self.ticks[tid] = self.ticks.get(tid), used
             if tid == self.pid or tid in self.demoted or name != unnamed or before is None:
                 continue
-            if used - before > os.sysconf("SC_CLK_TCK") * window / 5:
+            if used - before > self.hz * window / 5:
                 try:
                     os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
                 except OSError:
